@@ -1,0 +1,237 @@
+"""Instruction data: load or generate examples, render prompts, tokenize once, batch.
+
+Every example becomes ``{"prompt": str, "response": str}``; the prompt is rendered with an
+alpaca template or the tokenizer's chat template, and the loss is masked on the prompt
+unless ``data.train_on_prompt``.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from .config import DataConfig
+
+IGNORE = -100
+
+ALPACA_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n")
+ALPACA_NO_INPUT = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:\n")
+
+
+class DataError(ValueError):
+    pass
+
+
+# ---------------------------------------------------------------- raw examples
+
+def arithmetic_splits(dc: DataConfig) -> dict[str, list[dict]]:
+    """Two-digit addition/subtraction questions; splits are disjoint and fixed by data.seed."""
+    problems = [(a, op, b) for a in range(10, 100) for b in range(10, 100) for op in "+-"]
+    random.Random(dc.seed).shuffle(problems)
+    need = dc.n_train + dc.n_val + dc.n_test
+    if need > len(problems):
+        raise DataError(f"data.n_train+n_val+n_test={need}: at most {len(problems)} distinct problems exist")
+
+    def rec(p):
+        a, op, b = p
+        return {"instruction": f"What is {a} {op} {b}? Answer with the number only.", "input": "",
+                "output": str(a + b if op == "+" else a - b)}
+
+    it = iter(problems)
+    return {split: [rec(next(it)) for _ in range(n)]
+            for split, n in (("train", dc.n_train), ("val", dc.n_val), ("test", dc.n_test))}
+
+
+def read_records(path: str, field_name: str = "data.path") -> list[dict]:
+    """JSON array or JSONL; a malformed line is named by its number."""
+    p = Path(os.path.expanduser(path))
+    if not p.is_file():
+        raise DataError(f"{field_name}={path!r}: no such file")
+    text = p.read_text(encoding="utf-8")
+    if not text.strip():
+        raise DataError(f"{field_name}={path!r}: the file is empty")
+    if text.lstrip().startswith("["):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{field_name}={path!r}: not valid JSON (line {e.lineno}: {e.msg})") from None
+    else:
+        rows = []
+        for i, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise DataError(f"{field_name}={path!r}: line {i} is not valid JSON ({e.msg})") from None
+    if not rows:
+        raise DataError(f"{field_name}={path!r}: no records in the file")
+    return rows
+
+
+def instruction_records(rows: list[dict], source: str) -> list[dict]:
+    out = []
+    for i, r in enumerate(rows, 1):
+        if not isinstance(r, dict) or "instruction" not in r or "output" not in r:
+            raise DataError(f"{source}: record {i} needs 'instruction' and 'output' fields (got {sorted(r) if isinstance(r, dict) else type(r).__name__})")
+        out.append({"instruction": str(r["instruction"]), "input": str(r.get("input") or ""), "output": str(r["output"])})
+    return out
+
+
+def split_train_val(rows: list[dict], frac: float, seed: int) -> dict[str, list[dict]]:
+    rows = list(rows)
+    random.Random(seed).shuffle(rows)
+    n_val = max(1, int(round(len(rows) * frac)))
+    if len(rows) - n_val < 1:
+        raise DataError(f"only {len(rows)} records: too few for a train and a validation split")
+    return {"train": rows[n_val:], "val": rows[:n_val], "test": []}
+
+
+def load_raw(dc: DataConfig) -> dict[str, list[dict]]:
+    if dc.name == "arithmetic":
+        return arithmetic_splits(dc)
+    if dc.name in ("alpaca", "jsonl"):
+        if dc.path:
+            rows = instruction_records(read_records(dc.path), f"data.path={dc.path!r}")
+        elif dc.name == "alpaca" and dc.hub_id:
+            import datasets
+
+            ds = datasets.load_dataset(dc.hub_id, split="train")
+            rows = instruction_records(list(ds), f"hub dataset {dc.hub_id}")
+        else:
+            raise DataError(f"data={dc.name} needs data.path=<local file>")
+        return split_train_val(rows, dc.val_fraction, dc.seed)
+    raise DataError(f"data.name={dc.name!r}: unknown; use arithmetic, alpaca or jsonl")
+
+
+# ---------------------------------------------------------------- prompts and tokens
+
+def use_chat(dc: DataConfig, tokenizer) -> bool:
+    return dc.template == "chat" or (dc.template == "auto" and bool(getattr(tokenizer, "chat_template", None)))
+
+
+def render_prompt(rec: dict, tokenizer, chat: bool) -> str:
+    if chat:
+        content = rec["instruction"] + (f"\n\n{rec['input']}" if rec["input"] else "")
+        return tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                             add_generation_prompt=True)
+    tmpl = ALPACA_WITH_INPUT if rec["input"] else ALPACA_NO_INPUT
+    return tmpl.format(**rec)
+
+
+def eval_records(rows: list[dict], tokenizer, dc: DataConfig) -> list[dict]:
+    """{'prompt', 'target'} pairs rendered exactly as in training, for benchmark tasks."""
+    chat = use_chat(dc, tokenizer)
+    return [{"prompt": render_prompt(r, tokenizer, chat), "target": r["output"]} for r in rows]
+
+
+def tokenize(rows: list[dict], tokenizer, dc: DataConfig, max_len: int) -> list[dict]:
+    chat = use_chat(dc, tokenizer)
+    prompts = [render_prompt(r, tokenizer, chat) for r in rows]
+    # The chat template writes its own special tokens; the alpaca text gets the tokenizer's BOS.
+    p_ids = tokenizer(prompts, add_special_tokens=not chat)["input_ids"]
+    r_ids = tokenizer([r["output"] for r in rows], add_special_tokens=False)["input_ids"]
+    eos = tokenizer.eos_token_id
+    out = []
+    for p, r in zip(p_ids, r_ids):
+        resp = list(r) + ([eos] if eos is not None else [])
+        ids = (list(p) + resp)[:max_len]
+        labels = (list(p) if dc.train_on_prompt else [IGNORE] * len(p)) + resp
+        labels = labels[:max_len]
+        if all(l == IGNORE for l in labels[1:]):
+            continue  # the prompt alone fills max_seq_len: nothing to learn from this example
+        out.append({"input_ids": ids, "labels": labels})
+    return out
+
+
+# ---------------------------------------------------------------- batching
+
+@dataclass
+class Batches:
+    """Re-iterable batches over tokenized examples (shuffled per epoch by a seeded generator)."""
+    examples: list[dict]
+    batch_size: int
+    pad_id: int
+    shuffle: bool
+    seed: int
+    group_by_length: bool = False
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.examples) / self.batch_size)
+
+    def _order(self, epoch: int) -> list[int]:
+        idx = list(range(len(self.examples)))
+        if not self.shuffle:
+            return idx
+        rng = random.Random(self.seed + epoch)
+        rng.shuffle(idx)
+        if self.group_by_length:
+            # Sort within chunks of 50 batches, then shuffle the batches: little padding, still random.
+            chunk = self.batch_size * 50
+            idx = [i for s in range(0, len(idx), chunk)
+                   for i in sorted(idx[s:s + chunk], key=lambda j: len(self.examples[j]["input_ids"]))]
+            groups = [idx[s:s + self.batch_size] for s in range(0, len(idx), self.batch_size)]
+            rng.shuffle(groups)
+            idx = [i for g in groups for i in g]
+        return idx
+
+    def epoch(self, epoch: int = 0) -> Iterator[dict]:
+        order = self._order(epoch)
+        for s in range(0, len(order), self.batch_size):
+            yield collate([self.examples[i] for i in order[s:s + self.batch_size]], self.pad_id)
+
+
+def collate(examples: list[dict], pad_id: int) -> dict:
+    """Right-pad to the longest example; count real tokens on the host (no device sync later)."""
+    n = max(len(e["input_ids"]) for e in examples)
+    ids = torch.full((len(examples), n), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), n), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(examples), n), dtype=torch.long)
+    n_tokens = n_loss = 0
+    for i, e in enumerate(examples):
+        k = len(e["input_ids"])
+        ids[i, :k] = torch.tensor(e["input_ids"])
+        labels[i, :k] = torch.tensor(e["labels"])
+        mask[i, :k] = 1
+        n_tokens += k
+        n_loss += sum(1 for l in e["labels"][1:] if l != IGNORE)
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask, "n_tokens": n_tokens, "n_loss_tokens": n_loss}
+
+
+@dataclass
+class PreparedData:
+    train: Batches
+    val: Batches | None
+    test_rows: list[dict]
+    chat_template: bool
+    n_train_examples: int
+
+
+def prepare_data(dc: DataConfig, tokenizer, *, max_seq_len: int, batch_size: int, seed: int,
+                 group_by_length: bool = False) -> PreparedData:
+    raw = load_raw(dc)
+    train_rows = raw["train"][: dc.max_train_examples] if dc.max_train_examples else raw["train"]
+    val_rows = raw["val"][: dc.max_val_examples] if dc.max_val_examples else raw["val"]
+    train = tokenize(train_rows, tokenizer, dc, max_seq_len)
+    if not train:
+        raise DataError(f"data={dc.name}: no training example fits train.max_seq_len={max_seq_len}; raise it")
+    val = tokenize(val_rows, tokenizer, dc, max_seq_len) if val_rows else []
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return PreparedData(
+        train=Batches(train, batch_size, pad, shuffle=True, seed=seed, group_by_length=group_by_length),
+        val=Batches(val, batch_size, pad, shuffle=False, seed=seed) if val else None,
+        test_rows=raw.get("test", []),
+        chat_template=use_chat(dc, tokenizer),
+        n_train_examples=len(train),
+    )

@@ -1,0 +1,32 @@
+"""Validation loss and perplexity on the in-memory model (token-weighted over the whole split)."""
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+
+import torch
+
+from .data import Batches
+
+
+@torch.no_grad()
+def validation_loss(model: torch.nn.Module, val: Batches, *, device: torch.device,
+                    autocast_dtype: torch.dtype | None) -> dict[str, float]:
+    was_training = model.training
+    model.eval()
+    t0 = time.perf_counter()
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    count = 0
+    ctx = torch.autocast(device_type=device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
+    for b in val.epoch(0):
+        with ctx:
+            out = model(input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device),
+                        labels=b["labels"].to(device))
+        # HF returns the mean over this batch's label tokens; weight it back by their number.
+        total += out.loss.double() * b["n_loss_tokens"]
+        count += b["n_loss_tokens"]
+    model.train(was_training)
+    loss = float(total) / max(count, 1)
+    return {"val/loss": loss, "val/perplexity": math.exp(min(loss, 50.0)), "val/tokens": count,
+            "time/val_s": time.perf_counter() - t0}

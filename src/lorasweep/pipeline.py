@@ -1,0 +1,176 @@
+"""One run, end to end: preflight -> model -> adapter -> data -> train -> evaluate -> record.
+
+The only module that calls the stages; the stages import config types, not each other.
+"""
+from __future__ import annotations
+
+import logging
+import random
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from . import adapter as adapter_stage
+from . import data as data_stage
+from . import evaluate as eval_stage
+from . import model as model_stage
+from . import train as train_stage
+from .config import RunConfig, run_id as make_run_id, to_dict, validate
+from .loggers import make_logger
+from .memory import PeakTracker, release_memory
+from .record import RunRecord, read_record
+
+log = logging.getLogger("lorasweep")
+
+
+class PreflightError(ValueError):
+    """Bad input found before any weights load (needs at most the model skeleton or the data file)."""
+
+
+@dataclass
+class Outcome:
+    run_id: str
+    status: str  # completed | failed | skipped
+    error: str | None = None
+    run_dir: str | None = None
+    metrics: dict | None = None
+
+
+def run_dir_for(cfg: RunConfig) -> Path:
+    return Path(cfg.results_dir) / cfg.study / make_run_id(cfg)
+
+
+def preflight(cfg: RunConfig) -> None:
+    """Everything checkable without weights: targets on the meta skeleton, the data file, task names."""
+    problems = []
+    try:
+        skeleton = model_stage.build_skeleton(cfg.model)
+    except OSError as e:
+        raise PreflightError(f"model.name_or_path={cfg.model.name_or_path!r}: cannot read the model config ({e})") from None
+    try:
+        if cfg.lora.method == "lora":
+            adapter_stage.resolve_targets(cfg.lora.targets, skeleton)
+        elif cfg.lora.method == "partial":
+            adapter_stage.resolve_targets(cfg.lora.trainable, skeleton, field_name="lora.trainable")
+    except adapter_stage.TargetError as e:
+        problems.append(str(e))
+    del skeleton
+    if cfg.data.path:
+        try:
+            data_stage.load_raw(cfg.data)
+        except data_stage.DataError as e:
+            problems.append(str(e))
+    if problems:
+        raise PreflightError("; ".join(problems))
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed)
+    except ImportError:
+        pass
+
+
+def _param_table(run_dir: Path, info: adapter_stage.AdapterInfo) -> None:
+    lines = ["name\ttrainable\tcount"] + [f"{n}\t{t}\t{c}" for n, t, c in info.table]
+    (run_dir / "params.tsv").write_text("\n".join(lines) + "\n" + f"# {info.summary_line}\n")
+
+
+def run(cfg: RunConfig, *, show_progress: bool = True) -> Outcome:
+    """Run one configuration. Bad static config raises ConfigError (no folder is made);
+    anything later is recorded as a failed run and returned, never raised."""
+    validate(cfg)
+    rid = make_run_id(cfg)
+    run_dir = run_dir_for(cfg)
+    prev = read_record(run_dir)
+    if prev and prev.get("status") == "completed" and not cfg.rerun:
+        log.info("skip %s: already completed (rerun=true to redo)", rid)
+        return Outcome(rid, "skipped", None, str(run_dir), prev.get("metrics"))
+
+    config = to_dict(cfg)
+    record = RunRecord(run_dir, rid, cfg.study, config)
+    record.start(OmegaConf.to_yaml(OmegaConf.create(config)))
+    logger = None
+    metrics: dict = {}
+    status, error = "failed", None
+    t_start = time.perf_counter()
+    device = model_stage.pick_device(cfg.train.device)
+    release_memory()
+    mem = PeakTracker(device)  # resets the process peak: this run's figures are its own
+    mem.start("load")
+    loaded = model = None
+    try:
+        preflight(cfg)
+        logger = make_logger(cfg.logger, run_dir=run_dir, run_id=rid, study=cfg.study, config=config)
+        if cfg.train.num_threads > 0:
+            torch.set_num_threads(cfg.train.num_threads)
+        _seed_everything(cfg.train.seed)
+
+        t0 = time.perf_counter()
+        loaded = model_stage.build_model(cfg.model, cfg.precision, device, cfg.train.grad_checkpointing)
+        model, info = adapter_stage.apply_adapter(
+            loaded.model, cfg.lora, task=cfg.model.task, quantized=cfg.precision.quant != "none",
+            grad_checkpointing=cfg.train.grad_checkpointing)
+        metrics["time/load_s"] = time.perf_counter() - t0
+        metrics["params/trainable"] = info.trainable
+        metrics["params/total"] = info.total
+        metrics["params/trainable_pct"] = 100.0 * info.trainable / max(info.total, 1)
+        _param_table(run_dir, info)
+        log.info("%s | %s | targets: %s", rid, info.summary_line, ",".join(info.target_modules) or "-")
+
+        prepared = data_stage.prepare_data(cfg.data, loaded.tokenizer, max_seq_len=cfg.train.max_seq_len,
+                                           batch_size=cfg.train.batch_size, seed=cfg.train.seed,
+                                           group_by_length=cfg.train.group_by_length)
+        steps = train_stage.total_steps(cfg.train, len(prepared.train))
+        log.info("data: %d train examples, %d batches/epoch of %d; %d optimizer steps of %d sequences",
+                 prepared.n_train_examples, len(prepared.train), cfg.train.batch_size, steps,
+                 cfg.train.batch_size * cfg.train.grad_accum)
+        autocast = model_stage.DTYPES[cfg.precision.autocast] if cfg.precision.autocast != "none" else None
+
+        def log_step(step: int, m: dict) -> None:
+            record.log_step(step, m)
+            logger.log(step, m)
+
+        mem.start("train")
+        result = train_stage.train(model, prepared.train, cfg.optimizer, cfg.train, device=device,
+                                   autocast_dtype=autocast, log=log_step, memory=mem, show_progress=show_progress)
+        metrics.update({"time/train_s": result.train_s, "throughput/tokens_per_s": result.tokens_per_s,
+                        "train/steps": result.steps, "train/tokens": result.tokens,
+                        "train/loss_tokens": result.loss_tokens, "train/epochs": result.epochs_done})
+        if result.final_loss is not None:
+            metrics["train/loss"] = result.final_loss
+            metrics["train/first_loss"] = result.first_loss
+
+        mem.start("eval")
+        if cfg.eval.val_loss and prepared.val is not None:
+            metrics.update(eval_stage.validation_loss(model, prepared.val, device=device, autocast_dtype=autocast))
+        mem.stop()
+
+        if cfg.lora.method == "lora" and cfg.train.save_adapter and result.steps > 0:
+            model.save_pretrained(run_dir / "adapter")
+        status = "completed"
+    except Exception as e:  # noqa: BLE001 - a failed run is recorded, never raised into the sweep
+        error = f"{type(e).__name__}: {e}" if not isinstance(e, PreflightError) else str(e)
+        (run_dir / "error.log").write_text(traceback.format_exc())
+        log.error("run %s failed: %s", rid, error)
+    finally:
+        mem.close()
+        metrics.update(mem.metrics())
+        metrics["time/total_s"] = time.perf_counter() - t_start
+        try:
+            record.finish(status, metrics, error)
+        finally:
+            if logger is not None:
+                logger.summary(metrics)
+                logger.close(0 if status == "completed" else 1)
+            del model, loaded
+            release_memory()
+    return Outcome(rid, status, error, str(run_dir), metrics)

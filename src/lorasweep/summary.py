@@ -1,0 +1,41 @@
+"""Plain-text tables printed at the end of a run or a sweep."""
+from __future__ import annotations
+
+from pathlib import Path
+
+COLUMNS = [("train/loss", "train loss", "{:.4f}"), ("val/loss", "val loss", "{:.4f}"),
+           ("mem/peak_rss_gb", "peak RSS GB", "{:.3f}"), ("mem/peak_allocated_gb", "peak alloc GB", "{:.3f}"),
+           ("time/train_s", "train s", "{:.1f}"), ("throughput/tokens_per_s", "tok/s", "{:.0f}"),
+           ("params/trainable", "trainable", "{:,}")]
+
+
+def _fmt(metrics: dict | None, key: str, fmt: str) -> str:
+    v = (metrics or {}).get(key)
+    return "-" if v is None else fmt.format(v)
+
+
+def format_table(outcomes: list[dict]) -> str:
+    cols = [c for c in COLUMNS if any(c[0] in (o.get("metrics") or {}) for o in outcomes)]
+    header = ["run", "status"] + [c[1] for c in cols]
+    rows = [[o["run_id"], o["status"]] + [_fmt(o.get("metrics"), k, f) for k, _, f in cols] for o in outcomes]
+    widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
+    line = lambda r: "  ".join(str(x).ljust(w) for x, w in zip(r, widths))
+    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
+
+
+def print_run(outcome) -> None:
+    print(format_table([outcome.__dict__]))
+    print(f"record: {outcome.run_dir}/record.json")
+
+
+def print_sweep(outcomes: list[dict], results_dir: Path) -> int:
+    """Print the sweep's table and its tally; return the number of failed runs."""
+    n = {s: sum(o["status"] == s for o in outcomes) for s in ("completed", "failed", "skipped")}
+    print()
+    print(format_table(outcomes))
+    print(f"\nsweep: {n['completed']} completed, {n['failed']} failed, {n['skipped']} skipped "
+          f"({len(outcomes)} runs) -> {results_dir}")
+    for o in outcomes:
+        if o["status"] == "failed":
+            print(f"  FAILED {o['run_id']}: {o['error']}")
+    return n["failed"]
