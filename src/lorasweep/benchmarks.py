@@ -62,20 +62,56 @@ def _resolve_task_manager(tasks: list[str], include_path: str | None):
     return _task_manager(include_path, include_defaults=True)
 
 
+def _builtin_task_names() -> list[str]:
+    """Names of lm-eval's built-in tasks/groups/tags. Indexing them takes 10+ s, so the list is
+    cached on disk per lm-eval install (~/.cache/lorasweep, or $LORASWEEP_CACHE_DIR)."""
+    import lm_eval
+
+    tasks_dir = Path(lm_eval.__file__).parent / "tasks"
+    stamp = f"{getattr(lm_eval, '__version__', '?')}-{tasks_dir.stat().st_mtime_ns}"
+    cache_dir = Path(os.environ.get("LORASWEEP_CACHE_DIR") or Path.home() / ".cache" / "lorasweep")
+    cache = cache_dir / "lm_eval_builtin_tasks.json"
+    try:
+        data = json.loads(cache.read_text())
+        if data.get("stamp") == stamp and data.get("tasks_dir") == str(tasks_dir):
+            return list(data["names"])
+    except (OSError, ValueError, KeyError):
+        pass
+    names = list(_task_manager(None, include_defaults=True).all_tasks)
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"stamp": stamp, "tasks_dir": str(tasks_dir), "names": names}))
+        tmp.replace(cache)  # atomic: parallel sweep jobs may race here
+    except OSError:
+        pass  # read-only home: just no cache
+    return names
+
+
 def check_tasks(tasks: list[str], include_path: str | None) -> None:
-    """Raise ValueError naming every unknown task (and its closest known names), before training."""
+    """Raise ValueError naming every unknown task (and its closest known names), before training.
+
+    Tasks all found in include_path cost a small index (< 1 s); otherwise the built-in names are
+    read from the on-disk cache (first time per install: ~13 s to index lm-eval's task YAMLs).
+    """
     if not tasks:
         return
-    tm = _resolve_task_manager(list(tasks), include_path)
-    known = tm.all_tasks
+    local: list[str] = []
+    if include_path:
+        local = list(_task_manager(include_path, include_defaults=False).all_tasks)
+    missing = [t for t in tasks if t not in local and not _is_task_file(t)]
+    if not missing:
+        return
+    known = local + _builtin_task_names()
+    known_set = set(known)
     problems = []
-    for t in tasks:
-        if t in known or _is_task_file(t):
+    for t in missing:
+        if t in known_set:
             continue
         close = difflib.get_close_matches(t, known, n=3, cutoff=0.6)
         problems.append(f"{t} (closest: {', '.join(close)})" if close else f"{t} (no close match)")
     if problems:
-        where = f" (include_path={include_path} and lm-eval's built-in tasks)" if include_path else ""
+        where = f" (searched {include_path} and lm-eval's built-in tasks)" if include_path else ""
         raise ValueError(f"unknown lm-eval task(s){where}: " + "; ".join(problems))
 
 
@@ -255,8 +291,12 @@ def evaluate_benchmarks(model, tokenizer, *, tasks: list[str], include_path: str
     if not tasks:
         return {}
     t0 = time.perf_counter()
+    import torch
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
+
+    if limit is not None and limit >= 1:
+        limit = int(limit)  # a count (config gives floats); below 1 it is a fraction
 
     tm = _resolve_task_manager(list(tasks), include_path)
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
@@ -266,7 +306,7 @@ def evaluate_benchmarks(model, tokenizer, *, tasks: list[str], include_path: str
     model.eval()
     try:
         # only bootstrap in-process: a pool fork of a process holding the model is costly
-        with _quiet_progress(show_progress), _env(DISABLE_MULTIPROC="1"):
+        with _quiet_progress(show_progress), _env(DISABLE_MULTIPROC="1"), torch.no_grad():
             lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size,
                       max_length=max_length, device=device)
             results = simple_evaluate(
