@@ -1,0 +1,50 @@
+"""Shared fixtures: an isolated cache/W&B dir per session, and a helper to compose run configs."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(autouse=True)
+def _wandb_dirs(tmp_path_factory, monkeypatch):
+    d = tmp_path_factory.getbasetemp() / "wandb_home"
+    d.mkdir(exist_ok=True)
+    monkeypatch.setenv("WANDB_CACHE_DIR", str(d / "cache"))
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(d / "config"))
+    monkeypatch.setenv("WANDB_DATA_DIR", str(d / "data"))
+
+
+def compose(*overrides: str):
+    """The RunConfig the `lorasweep` command would build from these overrides."""
+    from hydra import compose as hcompose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from lorasweep.cli import conf_dir, register_schema, to_run_config
+
+    register_schema()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=conf_dir(), version_base=None):
+        cfg = hcompose(config_name="config", overrides=list(overrides))
+    return to_run_config(cfg)
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    """Compose a tiny_llama run writing under tmp_path, quiet, a few steps."""
+    def make(*overrides: str):
+        base = ["model=tiny_llama", "logger=none", f"results_dir={tmp_path / 'results'}", "study=t",
+                "train.max_steps=4", "train.batch_size=4", "train.max_seq_len=64", "data.n_train=64",
+                "data.n_val=16", "data.n_test=16"]
+        return compose(*base, *overrides)
+    return make
+
+
+REPO = Path(__file__).resolve().parents[1]
