@@ -5,7 +5,9 @@ The only module that calls the stages; the stages import config types, not each 
 from __future__ import annotations
 
 import logging
+import os
 import random
+import shutil
 import time
 import traceback
 from dataclasses import dataclass
@@ -15,11 +17,14 @@ import torch
 from omegaconf import OmegaConf
 
 from . import adapter as adapter_stage
+from . import benchmarks as bench_stage
+from . import basecache as base_cache
+from . import classification as cls_stage
 from . import data as data_stage
 from . import evaluate as eval_stage
 from . import model as model_stage
 from . import train as train_stage
-from .config import RunConfig, run_id as make_run_id, to_dict, validate
+from .config import DataConfig, RunConfig, run_id as make_run_id, to_dict, validate
 from .loggers import make_logger
 from .memory import PeakTracker, release_memory
 from .record import RunRecord, read_record
@@ -44,9 +49,29 @@ def run_dir_for(cfg: RunConfig) -> Path:
     return Path(cfg.results_dir) / cfg.study / make_run_id(cfg)
 
 
-def preflight(cfg: RunConfig) -> None:
-    """Everything checkable without weights: targets on the meta skeleton, the data file, task names."""
+GENERATED_TASK = "lorasweep_arithmetic"  # + _ll: the project's own held-out arithmetic split
+
+
+def prepare_tasks(cfg: RunConfig, tokenizer, run_dir: Path) -> str | None:
+    """The include_path for lm-eval: generated arithmetic tasks (rendered with the training
+    template) and a copy of the user's task folder, so the record keeps what was scored."""
+    if not cfg.eval.tasks:
+        return None
+    folder = run_dir / "eval_tasks"
+    dc = cfg.data if cfg.data.name == "arithmetic" else DataConfig(name="arithmetic")
+    rows = data_stage.arithmetic_splits(dc)["test"]
+    bench_stage.write_local_tasks(folder, GENERATED_TASK, data_stage.eval_records(rows, tokenizer, dc),
+                                  max_gen_toks=cfg.eval.max_new_tokens)
+    if cfg.eval.include_path:
+        shutil.copytree(os.path.expanduser(cfg.eval.include_path), folder / "user")
+    return str(folder)
+
+
+def preflight(cfg: RunConfig, run_dir: Path | None = None) -> str | None:
+    """Everything checkable without weights: targets on the meta skeleton, the data file, task names.
+    Returns the lm-eval include_path to use."""
     problems = []
+    include_path = None
     try:
         skeleton = model_stage.build_skeleton(cfg.model)
     except OSError as e:
@@ -59,13 +84,46 @@ def preflight(cfg: RunConfig) -> None:
     except adapter_stage.TargetError as e:
         problems.append(str(e))
     del skeleton
-    if cfg.data.path:
+    classify = cfg.model.task == "sequence_classification"
+    if classify or cfg.data.name in ("sst2", "text_classification"):
+        problems.extend(cls_stage.preflight_problems(cfg))  # task/data pairing, columns, labels
+    elif cfg.data.path:
         try:
             data_stage.load_raw(cfg.data)
         except data_stage.DataError as e:
             problems.append(str(e))
+    if cfg.eval.tasks and run_dir is not None:
+        include_path = prepare_tasks(cfg, model_stage.load_tokenizer(cfg.model), run_dir)
+        try:
+            bench_stage.check_tasks(list(cfg.eval.tasks), include_path)
+        except ValueError as e:
+            problems.append(f"eval.tasks: {e}")
     if problems:
         raise PreflightError("; ".join(problems))
+    return include_path
+
+
+def _benchmark(cfg: RunConfig, model, tokenizer, include_path, run_dir: Path, device, prefix: str,
+               show_progress: bool) -> dict:
+    ev = cfg.eval
+    m = bench_stage.evaluate_benchmarks(
+        model, tokenizer, tasks=list(ev.tasks), include_path=include_path, limit=ev.limit,
+        num_fewshot=ev.num_fewshot, batch_size=ev.batch_size, max_new_tokens=ev.max_new_tokens,
+        log_samples=ev.log_samples, out_dir=run_dir, prefix=prefix, device=str(device),
+        show_progress=show_progress)
+    m[f"time/{prefix}_s"] = m.pop(f"{prefix}/time_s", 0.0)
+    return m
+
+
+def _deltas(metrics: dict) -> dict:
+    """eval_delta/<task>/<metric> = tuned - base, for every scored metric (not stderr)."""
+    out = {}
+    for k, v in metrics.items():
+        if k.startswith("eval/") and not k.endswith("_stderr"):
+            base = metrics.get("eval_base/" + k[len("eval/"):])
+            if isinstance(base, (int, float)) and isinstance(v, (int, float)):
+                out["eval_delta/" + k[len("eval/"):]] = v - base
+    return out
 
 
 def _seed_everything(seed: int) -> None:
@@ -103,19 +161,21 @@ def run(cfg: RunConfig, *, show_progress: bool = True) -> Outcome:
     status, error = "failed", None
     t_start = time.perf_counter()
     device = model_stage.pick_device(cfg.train.device)
+    base_cache.evict_unless(cfg, device)  # before the peak reset: an unused cached base must not count
     release_memory()
     mem = PeakTracker(device)  # resets the process peak: this run's figures are its own
     mem.start("load")
     loaded = model = None
     try:
-        preflight(cfg)
+        include_path = preflight(cfg, run_dir)
         logger = make_logger(cfg.logger, run_dir=run_dir, run_id=rid, study=cfg.study, config=config)
         if cfg.train.num_threads > 0:
             torch.set_num_threads(cfg.train.num_threads)
         _seed_everything(cfg.train.seed)
 
         t0 = time.perf_counter()
-        loaded = model_stage.build_model(cfg.model, cfg.precision, device, cfg.train.grad_checkpointing)
+        loaded, reused = base_cache.acquire(cfg, device)  # a fresh load unless train.reuse_base
+        metrics["model/base_reused"] = int(reused)
         model, info = adapter_stage.apply_adapter(
             loaded.model, cfg.lora, task=cfg.model.task, quantized=cfg.precision.quant != "none",
             grad_checkpointing=cfg.train.grad_checkpointing)
@@ -126,9 +186,17 @@ def run(cfg: RunConfig, *, show_progress: bool = True) -> Outcome:
         _param_table(run_dir, info)
         log.info("%s | %s | targets: %s", rid, info.summary_line, ",".join(info.target_modules) or "-")
 
-        prepared = data_stage.prepare_data(cfg.data, loaded.tokenizer, max_seq_len=cfg.train.max_seq_len,
-                                           batch_size=cfg.train.batch_size, seed=cfg.train.seed,
-                                           group_by_length=cfg.train.group_by_length)
+        classify = cfg.model.task == "sequence_classification"
+        if classify:
+            prepared = cls_stage.prepare_data(cfg.data, loaded.tokenizer, num_labels=cfg.model.num_labels,
+                                              max_seq_len=cfg.train.max_seq_len, batch_size=cfg.train.batch_size,
+                                              seed=cfg.train.seed, group_by_length=cfg.train.group_by_length,
+                                              eval_batch_size=cfg.eval.batch_size)
+        else:
+            prepared = data_stage.prepare_data(cfg.data, loaded.tokenizer, max_seq_len=cfg.train.max_seq_len,
+                                               batch_size=cfg.train.batch_size, seed=cfg.train.seed,
+                                               group_by_length=cfg.train.group_by_length,
+                                               packing=cfg.train.packing)
         steps = train_stage.total_steps(cfg.train, len(prepared.train))
         log.info("data: %d train examples, %d batches/epoch of %d; %d optimizer steps of %d sequences",
                  prepared.n_train_examples, len(prepared.train), cfg.train.batch_size, steps,
@@ -139,6 +207,11 @@ def run(cfg: RunConfig, *, show_progress: bool = True) -> Outcome:
             record.log_step(step, m)
             logger.log(step, m)
 
+        if cfg.eval.tasks and cfg.eval.baseline:
+            # Before any step the adapter is the identity (B = 0): this scores the base model.
+            mem.start("eval_base")
+            metrics.update(_benchmark(cfg, model, loaded.tokenizer, include_path, run_dir, device,
+                                      "eval_base", show_progress))
         mem.start("train")
         result = train_stage.train(model, prepared.train, cfg.optimizer, cfg.train, device=device,
                                    autocast_dtype=autocast, log=log_step, memory=mem, show_progress=show_progress)
@@ -151,7 +224,12 @@ def run(cfg: RunConfig, *, show_progress: bool = True) -> Outcome:
 
         mem.start("eval")
         if cfg.eval.val_loss and prepared.val is not None:
-            metrics.update(eval_stage.validation_loss(model, prepared.val, device=device, autocast_dtype=autocast))
+            score = cls_stage.evaluate if classify else eval_stage.validation_loss  # + accuracy, f1
+            metrics.update(score(model, prepared.val, device=device, autocast_dtype=autocast))
+        if cfg.eval.tasks:
+            metrics.update(_benchmark(cfg, model, loaded.tokenizer, include_path, run_dir, device, "eval",
+                                      show_progress))
+            metrics.update(_deltas(metrics))
         mem.stop()
 
         if cfg.lora.method == "lora" and cfg.train.save_adapter and result.steps > 0:
@@ -171,6 +249,7 @@ def run(cfg: RunConfig, *, show_progress: bool = True) -> Outcome:
             if logger is not None:
                 logger.summary(metrics)
                 logger.close(0 if status == "completed" else 1)
+            base_cache.release(model)  # unload the adapter, check the cached base's hash
             del model, loaded
             release_memory()
     return Outcome(rid, status, error, str(run_dir), metrics)
