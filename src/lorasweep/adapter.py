@@ -28,7 +28,10 @@ def linear_module_names(model: torch.nn.Module) -> list[str]:
     names = []
     for name, mod in model.named_modules():
         is_linear = isinstance(mod, torch.nn.Linear) or type(mod).__name__ in ("Linear4bit", "Linear8bitLt")
-        if is_linear and name.split(".")[-1] not in HEAD_NAMES:
+        # A head (lm_head, classifier.dense/out_proj on RoBERTa) is trained whole via modules_to_save,
+        # never wrapped by LoRA, so nothing under it is a target.
+        in_head = any(part in HEAD_NAMES for part in name.split("."))
+        if is_linear and not in_head:
             names.append(name)
     return names
 
@@ -64,6 +67,12 @@ def resolve_targets(targets: list[str], model: torch.nn.Module, field_name: str 
         if not found:
             unknown.append(t)
         out.extend(f for f in found if f not in out)
+    # peft matches a target by suffix: a leaf that also names a head module (RoBERTa's
+    # classifier.dense) is spelled out in full so only the body's layers get LoRA.
+    head_leaves = {n.split(".")[-1] for n, _ in model.named_modules()
+                   if any(part in HEAD_NAMES for part in n.split(".")[:-1])}
+    out = [t for leaf in out for t in ([n for n in names if n.endswith("." + leaf) or n == leaf]
+                                        if leaf in head_leaves else [leaf])]
     if unknown:
         raise TargetError(
             f"{field_name}: unknown module(s) {', '.join(unknown)} for this model; "
