@@ -26,6 +26,11 @@ def conf_dir() -> str:
     return str(Path(__file__).resolve().parents[2] / "conf")
 
 
+# Study files set alpha relative to r (lora.alpha='${mul:${lora.r},2}'); registered at import so
+# jobs of process-per-run launchers, which unpickle `task`, resolve it too.
+OmegaConf.register_new_resolver("mul", lambda a, b: a * b, replace=True)
+
+
 def register_schema() -> None:
     ConfigStore.instance().store(name="base_config", node=RunConfig)
 
@@ -49,10 +54,13 @@ def _multirun() -> bool:
 
 def task(cfg: DictConfig):
     """Hydra's task function: one run. Returns an outcome dict for the sweep summary."""
-    from . import sweep  # noqa: F401  (registers the outcome file path for the callback)
-    from .pipeline import run
+    from . import sweep
 
     multirun = _multirun()
+    if multirun:
+        sweep.job_start(cfg)  # "run k of n"; GPU pinning and thread share before torch starts
+    from .pipeline import run
+
     try:
         rc = to_run_config(cfg)
         outcome = run(rc, show_progress=sys.stderr.isatty() or not multirun)
@@ -64,6 +72,12 @@ def task(cfg: DictConfig):
         from .pipeline import Outcome
 
         outcome = Outcome(run_id="(invalid config)", status="failed", error=msg)
+    except Exception as e:  # noqa: BLE001 - in a sweep one run's crash must not end the others
+        if not multirun:
+            raise
+        from .pipeline import Outcome
+
+        outcome = Outcome(run_id="(crashed)", status="failed", error=f"{type(e).__name__}: {e}")
     if multirun:
         from .sweep import note_outcome
 
@@ -82,6 +96,10 @@ def main() -> None:
     register_schema()
     app = hydra.main(version_base=None, config_path=conf_dir(), config_name="config")(task)
     app()
+    from .sweep import failed_runs
+
+    if failed_runs():  # set by the sweep summary; Hydra itself exits 0 after a multirun
+        sys.exit(1)
 
 
 if __name__ == "__main__":

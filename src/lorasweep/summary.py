@@ -28,14 +28,24 @@ def print_run(outcome) -> None:
     print(f"record: {outcome.run_dir}/record.json")
 
 
-def print_sweep(outcomes: list[dict], results_dir: Path) -> int:
-    """Print the sweep's table and its tally; return the number of failed runs."""
+def print_sweep(outcomes: list[dict], results_dir: Path, expected: int | None = None) -> int:
+    """Print the sweep's table, its tally and each failure; return the number of runs that
+    failed, counting runs that never reported (their job was killed) as failed."""
     n = {s: sum(o["status"] == s for o in outcomes) for s in ("completed", "failed", "skipped")}
+    missing = max(0, (expected or 0) - len(outcomes))
     print()
-    print(format_table(outcomes))
-    print(f"\nsweep: {n['completed']} completed, {n['failed']} failed, {n['skipped']} skipped "
-          f"({len(outcomes)} runs) -> {results_dir}")
+    if outcomes:
+        print(format_table(outcomes))
+    print(f"\nsweep: {n['completed']} completed, {n['failed']} failed, {n['skipped']} skipped"
+          + (f", {missing} did not report" if missing else "")
+          + f" ({len(outcomes) + missing} runs) -> {results_dir}")
+    skipped = [o["run_id"] for o in outcomes if o["status"] == "skipped"]
+    if skipped:
+        print(f"  skipped (already completed; rerun=true to redo): {', '.join(skipped)}")
     for o in outcomes:
         if o["status"] == "failed":
-            print(f"  FAILED {o['run_id']}: {o['error']}")
-    return n["failed"]
+            where = f" [{' '.join(o['overrides'])}]" if o.get("overrides") else ""
+            print(f"  FAILED {o['run_id']}{where}: {o['error']}")
+    if missing:
+        print(f"  {missing} run(s) ended without a word (killed?); re-launch the same command to redo them")
+    return n["failed"] + missing

@@ -1,20 +1,66 @@
-"""Sweep bookkeeping: each job notes its outcome in the sweep folder; at the end a summary
-is printed and the command exits non-zero if any run failed."""
+"""Sweep bookkeeping around Hydra's multirun.
+
+In the launching process (a Hydra callback): count the grid, hand the job processes what they
+need through the environment, and at the end print the summary and remember whether any run
+failed (cli.main turns that into the exit code; Hydra swallows exceptions raised in callbacks).
+In each job (job_start): say "run k of n", pin a GPU and split CPU threads when runs share a
+machine, and note the run's outcome in <sweep dir>/outcomes.jsonl.
+"""
 from __future__ import annotations
 
 import json
 import logging
 import os
-import sys
 from dataclasses import asdict
 from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, open_dict
 
 log = logging.getLogger("lorasweep")
 OUTCOMES = "outcomes.jsonl"
+# Set by the launching process; job processes (submitit local, SLURM) inherit the environment.
+ENV_SIZE = "LORASWEEP_SWEEP_SIZE"
+ENV_GPUS = "LORASWEEP_SWEEP_GPUS"
+
+_failed_runs = 0  # set at multirun end; read by cli.main for the exit code
+
+
+def failed_runs() -> int:
+    return _failed_runs
+
+
+# ------------------------------------------------------------------ launching process
+
+def sweep_size(config: DictConfig) -> int | None:
+    """How many jobs Hydra's basic sweeper will launch: the product of the sweep lists in
+    hydra.sweeper.params and the command line. None for other sweepers (optuna decides as it goes)."""
+    if not str(config.hydra.sweeper.get("_target_", "")).endswith("BasicSweeper"):
+        return None
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    params = config.hydra.sweeper.get("params") or {}
+    args = [f"{k}={v}" for k, v in params.items()] + list(config.hydra.overrides.task)
+    try:
+        loader = GlobalHydra.instance().config_loader() if GlobalHydra.instance().is_initialized() else None
+        overrides = OverridesParser.create(config_loader=loader).parse_overrides(args)
+        return sum(len(batch) for batch in BasicSweeper.split_arguments(overrides, None))
+    except Exception:  # noqa: BLE001 - the count is for display only
+        return None
+
+
+def visible_gpus() -> list[str]:
+    """GPUs this process may use, without initialising CUDA (a job must pick its GPU first)."""
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if env is not None:
+        return [g for g in env.split(",") if g.strip()]
+    try:
+        return [str(i) for i in range(len(os.listdir("/proc/driver/nvidia/gpus")))]
+    except OSError:
+        return []
 
 
 def _sweep_dir(config: DictConfig | None = None) -> Path:
@@ -23,11 +69,85 @@ def _sweep_dir(config: DictConfig | None = None) -> Path:
     return Path(HydraConfig.get().sweep.dir)
 
 
+class SweepSummary(Callback):
+    """Registered in conf/config.yaml (hydra.callbacks); runs in the launching process."""
+
+    def __init__(self) -> None:
+        self.size: int | None = None
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        global _failed_runs
+        _failed_runs = 0
+        d = _sweep_dir(config)
+        d.mkdir(parents=True, exist_ok=True)
+        (d / OUTCOMES).unlink(missing_ok=True)
+        self.size = sweep_size(config)
+        os.environ[ENV_SIZE] = str(self.size or "")
+        os.environ[ENV_GPUS] = ",".join(visible_gpus())
+        launcher = config.hydra.runtime.choices.get("launcher", "?")
+        log.info("sweep of %s runs, launcher %s; results in %s/%s; sweep log in %s",
+                 self.size if self.size is not None else "?", launcher, config.results_dir, config.study, d)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        from .summary import print_sweep
+
+        global _failed_runs
+        outcomes = read_outcomes(_sweep_dir(config))
+        _failed_runs = print_sweep(outcomes, results_dir=Path(config.results_dir) / config.study,
+                                   expected=self.size)
+
+
+# ------------------------------------------------------------------ job process
+
+def _job_info() -> tuple[int, int | None, str]:
+    hc = HydraConfig.get()
+    n = os.environ.get(ENV_SIZE)
+    return hc.job.num, int(n) if n else None, str(hc.launcher.get("_target_", ""))
+
+
+def pin_gpu(job_num: int, gpus: list[str]) -> str | None:
+    """The GPU a parallel job gets: jobs launched together have consecutive numbers, so
+    job number modulo the GPU count gives each its own."""
+    return gpus[job_num % len(gpus)] if gpus else None
+
+
+def threads_per_job(cpus: int, parallel: int) -> int:
+    return max(1, cpus // max(1, parallel))
+
+
+def job_start(cfg: DictConfig) -> None:
+    """Called first thing in a multirun job, before torch touches CUDA or sets its threads."""
+    num, n, launcher = _job_info()
+    overrides = " ".join(HydraConfig.get().overrides.task)
+    log.info("run %d of %s: %s", num + 1, n if n is not None else "?", overrides)
+    threads = cfg.train.num_threads
+    if launcher.endswith("submitit_launcher.LocalLauncher"):
+        # Several runs share this machine: each gets its own GPU and a share of the cores.
+        gpu = pin_gpu(num, [g for g in os.environ.get(ENV_GPUS, "").split(",") if g])
+        if gpu is not None:
+            os.environ["CUDA_VISIBLE_DEVICES"] = gpu
+            log.info("run %d pinned to GPU %s", num + 1, gpu)
+        at_once = HydraConfig.get().sweeper.get("max_batch_size") or n or 1
+        if threads == 0:
+            cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+            threads = threads_per_job(cpus, min(at_once, n or at_once))
+    elif os.environ.get("SLURM_CPUS_PER_TASK") and threads == 0:
+        threads = int(os.environ["SLURM_CPUS_PER_TASK"])
+    if threads != cfg.train.num_threads:
+        import torch  # no CUDA call: only the CPU thread pool
+
+        torch.set_num_threads(threads)  # now, so the record's env.torch_threads says it too
+        with open_dict(cfg):
+            cfg.train.num_threads = threads
+
+
 def note_outcome(outcome) -> None:
     """Append one line per run; O_APPEND keeps lines whole when jobs finish at once."""
-    d = _sweep_dir()
+    hc = HydraConfig.get()
+    d = Path(hc.sweep.dir)
     d.mkdir(parents=True, exist_ok=True)
-    line = json.dumps({k: v for k, v in asdict(outcome).items()}, default=str) + "\n"
+    row = {**asdict(outcome), "job": hc.job.num, "overrides": list(hc.overrides.task)}
+    line = json.dumps(row, default=str) + "\n"
     fd = os.open(d / OUTCOMES, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
         os.write(fd, line.encode())
@@ -39,21 +159,5 @@ def read_outcomes(sweep_dir: Path) -> list[dict]:
     p = Path(sweep_dir) / OUTCOMES
     if not p.exists():
         return []
-    return [json.loads(l) for l in p.read_text().splitlines() if l.strip()]
-
-
-class SweepSummary(Callback):
-    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
-        p = _sweep_dir(config) / OUTCOMES
-        if p.exists():
-            p.unlink()
-
-    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
-        from .summary import print_sweep
-
-        outcomes = read_outcomes(_sweep_dir(config))
-        failed = print_sweep(outcomes, results_dir=Path(config.results_dir) / config.study)
-        if failed:
-            sys.stdout.flush()
-            # Hydra would swallow an exception here; the sweep's exit code must say a run failed.
-            os._exit(1)
+    rows = [json.loads(l) for l in p.read_text().splitlines() if l.strip()]
+    return sorted(rows, key=lambda r: r.get("job", 0))
