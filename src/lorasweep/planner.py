@@ -1,0 +1,226 @@
+"""Predict a run's peak memory before any weight loads: parameters x bytes, plus what trains
+(gradients, optimizer states), plus activations, plus the runtime's own footprint.
+
+A pure function of the run config and the model skeleton (meta device, no memory):
+``plan(cfg, skeleton, device_type) -> Plan``. The CPU figure predicts the process's peak resident
+set (what mem/peak_rss_gb records); the CUDA figure predicts torch's peak allocated memory
+(mem/peak_allocated_gb). Coefficients below were calibrated with benchmarks/memory_calibration.py.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .config import RunConfig
+
+GB = 1e9  # decimal GB, like the measured figures
+BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "int8": 1, "nf4": 0.5, "fp4": 0.5}
+BNB_BLOCK = 64  # bitsandbytes 4-bit block size: one absmax constant per 64 weights
+BNB_DQ_BLOCK = 256  # double quantization: absmax in 8 bits, one fp32 constant per 256 absmax
+BNB_8BIT_MIN = 4096  # bitsandbytes 8-bit optimizers keep 32-bit states for smaller tensors
+
+# Process RSS of a `lorasweep` run whose model is negligible (tiny_llama): python, torch,
+# transformers, peft, hydra, the data and the CPU kernels' own buffers. Calibrated here.
+CPU_RUNTIME_GB = 0.50
+# Saved activations per token and decoder layer, in elements (fp32 LoRA on Llama, measured with
+# torch.autograd.graph.saved_tensors_hooks): norms, q/k/v, rope, attention, residuals ~ 7*h;
+# the gated MLP (gate, act, up) 3*i; k and v 2*kv. A LoRA module adds its input copy and r.
+ACT_H, ACT_I, ACT_KV = 7.0, 3.0, 2.0
+# The loss: fp32 log-softmax kept for backward, plus the logits and their gradient at its peak.
+LOGIT_COPIES = 3.0
+# CPU: transients on top of the saved activations (logit gradients, oneDNN scratch, blocks glibc
+# keeps); fitted on smollm2_135m fp32 LoRA, b1 x s128 (1.42 GB measured).
+CPU_ACT_SLACK = 1.6
+
+
+@dataclass
+class Plan:
+    device: str
+    params_total: int  # base + adapter, counted like the real model (4-bit weights as weights)
+    params_trainable: int
+    params_quantized: int
+    weights_gb: float  # base weights at their storage precision
+    quant_constants_gb: float
+    trainable_gb: float  # LoRA A/B (or the trained base weights, already in weights_gb for full/partial)
+    grads_gb: float
+    optimizer_gb: float
+    activations_gb: float
+    runtime_gb: float  # CPU: process baseline; CUDA: 0 (allocated memory excludes the context)
+    peak_gb: float
+    tokens: int
+    notes: list[str] = field(default_factory=list)
+
+    def metrics(self) -> dict[str, float]:
+        keys = ("weights_gb", "quant_constants_gb", "trainable_gb", "grads_gb", "optimizer_gb",
+                "activations_gb", "runtime_gb", "peak_gb")
+        out = {f"plan/{k}": round(getattr(self, k), 4) for k in keys}
+        out["plan/params_trainable"] = self.params_trainable
+        out["plan/params_total"] = self.params_total
+        return out
+
+    def table(self) -> str:
+        rows = [("base weights", self.weights_gb), ("quantization constants", self.quant_constants_gb),
+                ("trainable (adapter) weights", self.trainable_gb), ("gradients", self.grads_gb),
+                ("optimizer states", self.optimizer_gb), (f"activations ({self.tokens} tokens/micro-batch)", self.activations_gb),
+                ("runtime" + (" (process baseline)" if self.device == "cpu" else ""), self.runtime_gb)]
+        what = "peak RSS" if self.device == "cpu" else "peak allocated"
+        lines = [f"  {name:<40s} {gb:8.3f} GB" for name, gb in rows]
+        lines.append(f"  {'predicted ' + what:<40s} {self.peak_gb:8.3f} GB")
+        pct = 100.0 * self.params_trainable / max(self.params_total, 1)
+        lines.append(f"  params: total {self.params_total:,}, trainable {self.params_trainable:,} ({pct:.4f}%)"
+                     + (f", 4-bit {self.params_quantized:,}" if self.params_quantized else ""))
+        lines += [f"  note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+def _linear_modules(skeleton: torch.nn.Module) -> dict[str, torch.nn.Linear]:
+    from .adapter import linear_module_names
+
+    names = set(linear_module_names(skeleton))
+    return {n: m for n, m in skeleton.named_modules() if n in names}
+
+
+def _matches(name: str, targets: list[str]) -> bool:
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def _head_names(skeleton: torch.nn.Module, task: str) -> list[str]:
+    from .adapter import HEAD_NAMES
+
+    return [h for h in HEAD_NAMES if hasattr(skeleton, h)] if task == "sequence_classification" else []
+
+
+def _optimizer_bytes(name: str, numels: list[int], param_bytes: int) -> float:
+    if name == "adamw":
+        return sum(2 * n * param_bytes for n in numels)
+    if name == "sgd":
+        return sum(n * param_bytes for n in numels)  # momentum buffer (none when momentum=0)
+    # 8-bit AdamW: two 1-byte states (+ one fp32 absmax per 2048) for big tensors, fp32 for small ones
+    return sum(2 * n * (1 + 4 / 2048) if n >= BNB_8BIT_MIN else 2 * n * 4 for n in numels)
+
+
+def plan(cfg: RunConfig, skeleton: torch.nn.Module, device_type: str = "cpu", seq_len: int | None = None) -> Plan:
+    """The memory plan of one run on this device type ('cpu' or 'cuda').
+    seq_len: the longest batch the data will make (batches are padded to their longest example);
+    None assumes every sequence fills train.max_seq_len."""
+    from .adapter import resolve_targets
+
+    hf = skeleton.config
+    pr, lo, tr = cfg.precision, cfg.lora, cfg.train
+    quant = pr.quant != "none"
+    notes: list[str] = []
+    # The dtype the forward runs in, and the dtype non-quantized base parameters are stored in.
+    if quant:
+        cdt = pr.compute_dtype if pr.compute_dtype != "auto" else ("bfloat16" if device_type == "cuda" else "float32")
+        # peft's prepare_model_for_kbit_training upcasts every non-4-bit parameter to fp32
+        other_dt = "float32"
+        act_dt = cdt
+    else:
+        other_dt = pr.weights_dtype
+        act_dt = pr.autocast if pr.autocast != "none" else pr.weights_dtype
+    e = BYTES[act_dt]
+
+    linears = _linear_modules(skeleton)
+    quantized = {n: m for n, m in linears.items()} if quant else {}
+    n_quant = sum(m.weight.numel() for m in quantized.values())
+    seen, n_total = set(), 0
+    for p in skeleton.parameters():  # tied weights once
+        if id(p) not in seen:
+            seen.add(id(p))
+            n_total += p.numel()
+    n_other = n_total - n_quant
+    weights = n_other * BYTES[other_dt] + n_quant * BYTES[pr.quant if quant else other_dt]
+    qconst = 0.0
+    if quant:
+        blocks = n_quant / BNB_BLOCK
+        qconst = blocks * 1 + (blocks / BNB_DQ_BLOCK) * 4 if pr.double_quant else blocks * 4
+
+    heads = _head_names(skeleton, cfg.model.task)
+    trainable_numels: list[int] = []
+    adapter_params = 0
+    lora_modules: dict[str, torch.nn.Linear] = {}
+    if lo.method == "lora":
+        targets = resolve_targets(lo.targets, skeleton)
+        lora_modules = {n: m for n, m in linears.items() if _matches(n, targets)}
+        for m in lora_modules.values():
+            trainable_numels += [lo.r * m.in_features, lo.r * m.out_features]
+        for h in heads:  # modules_to_save: a trainable copy of the classification head
+            trainable_numels += [p.numel() for p in getattr(skeleton, h).parameters()]
+        adapter_params = sum(trainable_numels)
+        train_bytes_per = 4  # peft keeps adapter weights in fp32 (autocast_adapter_dtype)
+        trainable_gb = adapter_params * 4 / GB
+        notes.append(f"LoRA r={lo.r} on {len(lora_modules)} modules ({', '.join(targets)})")
+    else:
+        pats = None if lo.method == "full" else resolve_targets(lo.trainable, skeleton, field_name="lora.trainable")
+        for n, p in skeleton.named_parameters():
+            mod = n.rsplit(".", 1)[0]
+            hit = pats is None or _matches(mod, pats) or any(mod == h or mod.startswith(h + ".") for h in heads)
+            if hit:
+                trainable_numels.append(p.numel())
+        train_bytes_per = BYTES[pr.weights_dtype]
+        trainable_gb = 0.0  # they are base weights, counted above
+    n_trainable = sum(trainable_numels)
+    grads = n_trainable * train_bytes_per
+    optim = _optimizer_bytes(cfg.optimizer.name, trainable_numels, train_bytes_per)
+    if cfg.optimizer.name == "sgd" and cfg.optimizer.momentum == 0:
+        optim = 0.0
+    if cfg.optimizer.name == "paged_adamw_8bit" and device_type == "cuda":
+        notes.append("paged optimizer states live in CUDA unified memory, outside torch's allocated figure")
+        optim = 0.0
+
+    # Activations for one micro-batch at the full sequence length (the worst case).
+    seq = min(seq_len, tr.max_seq_len) if seq_len else tr.max_seq_len
+    tokens = tr.batch_size * seq
+    h = hf.hidden_size
+    layers = hf.num_hidden_layers
+    inter = getattr(hf, "intermediate_size", 4 * h) or 4 * h
+    heads_n = getattr(hf, "num_attention_heads", 1)
+    kv = getattr(hf, "num_key_value_heads", heads_n) * (getattr(hf, "head_dim", None) or h // heads_n)
+    per_layer = ACT_H * h + ACT_I * inter + ACT_KV * kv
+    lora_per_layer = sum(m.in_features + lo.r for m in lora_modules.values()) / max(layers, 1)
+    if lo.method != "lora" and n_trainable:
+        # trained base linears keep their inputs (~ one h and one i per layer beyond the frozen case)
+        per_layer += h + inter
+    vocab = getattr(hf, "vocab_size", 0) if cfg.model.task == "causal_lm" else 0
+    if tr.grad_checkpointing:
+        # only each layer's input is kept; one layer is recomputed at a time
+        act = tokens * e * (layers * h + per_layer + lora_per_layer)
+        notes.append("gradient checkpointing: one layer's activations at a time")
+    else:
+        act = tokens * e * layers * (per_layer + lora_per_layer)
+    act += tokens * (3 * h * e + LOGIT_COPIES * 4 * vocab)
+    if device_type == "cpu":
+        act *= CPU_ACT_SLACK
+    runtime = CPU_RUNTIME_GB * GB if device_type == "cpu" else 0.0
+    peak = weights + qconst + trainable_gb * GB + grads + optim + act + runtime
+    if seq_len:
+        notes.append(f"activations for the data's longest batch: {tr.batch_size} x {seq} tokens")
+    elif tr.packing or tr.batch_size > 1:
+        notes.append("activations assume every sequence fills train.max_seq_len (an upper bound)")
+    return Plan(device=device_type, params_total=n_total + adapter_params, params_trainable=n_trainable,
+                params_quantized=n_quant, weights_gb=weights / GB, quant_constants_gb=qconst / GB,
+                trainable_gb=trainable_gb, grads_gb=grads / GB, optimizer_gb=optim / GB,
+                activations_gb=act / GB, runtime_gb=runtime / GB, peak_gb=peak / GB, tokens=tokens, notes=notes)
+
+
+def data_seq_len(cfg: RunConfig) -> int | None:
+    """The longest example of the run's own data (tokenized without weights), or None if unknown."""
+    from . import data as data_stage, model as model_stage
+
+    if cfg.model.task != "causal_lm" or cfg.train.packing:
+        return None  # packed batches fill max_seq_len; classifiers size by their own data
+    return data_stage.longest_example(cfg.data, model_stage.load_tokenizer(cfg.model), cfg.train.max_seq_len)
+
+
+def plan_run(cfg: RunConfig, device_type: str | None = None, skeleton=None, seq_len: int | None | str = "data") -> Plan:
+    """Build the skeleton (meta device) and plan; the device is the one the run would pick."""
+    from . import model as model_stage
+
+    if device_type is None:
+        device_type = model_stage.pick_device(cfg.train.device).type
+    if skeleton is None:
+        skeleton = model_stage.build_skeleton(cfg.model)
+    if seq_len == "data":
+        seq_len = data_seq_len(cfg)
+    return plan(cfg, skeleton, device_type, seq_len=seq_len)
