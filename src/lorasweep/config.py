@@ -94,10 +94,16 @@ class TrainConfig:
     grad_checkpointing: bool = False
     seed: int = 0
     log_every: int = 10
+    # batches of similar length (sorted within 50-batch chunks, batch order shuffled): little padding
     group_by_length: bool = False
+    # whole examples packed into rows of max_seq_len, kept apart by per-example position ids (no
+    # cross-example attention, no cross-example loss); no padding but a row's tail; val stays unpacked
     packing: bool = False
     save_adapter: bool = True
     num_threads: int = 0  # torch intra-op threads; 0 = leave torch's default
+    # keep the loaded base in memory for the next run of this process (LoRA on unquantized bases;
+    # see basecache.py); a sweep under the basic launcher then loads each base once
+    reuse_base: bool = False
     device: str = "auto"  # auto | cpu | cuda
 
 
@@ -120,6 +126,8 @@ class DataConfig:
     # classification columns
     text_column: str = "sentence"
     label_column: str = "label"
+    # classification: which labelled split is scored as val/* (dev, or test when test.tsv holds labels)
+    val_split: str = "dev"
 
 
 @dataclass
@@ -184,6 +192,7 @@ def config_hash(cfg: RunConfig) -> str:
         d.pop(k, None)
     # the number of torch threads and the device choice do not change the maths
     d["train"].pop("num_threads", None)
+    d["train"].pop("reuse_base", None)
     blob = json.dumps(d, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:8]
 
@@ -273,6 +282,8 @@ def validate(cfg: RunConfig) -> None:
         bad("train.device", tr.device, "must be auto, cpu or cuda")
     if tr.packing and tr.group_by_length:
         bad("train.packing", tr.packing, "packing and group_by_length exclude each other; set one to false")
+    if tr.packing and cfg.model.task != "causal_lm":
+        bad("train.packing", tr.packing, "packing is for causal_lm instruction data; set train.packing=false")
 
     da = cfg.data
     if da.template not in ("auto", "alpaca", "chat"):

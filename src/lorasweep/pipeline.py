@@ -105,14 +105,28 @@ def preflight(cfg: RunConfig, run_dir: Path | None = None) -> str | None:
 
 def _benchmark(cfg: RunConfig, model, tokenizer, include_path, run_dir: Path, device, prefix: str,
                show_progress: bool) -> dict:
+    # lm-eval reseeds torch/numpy/random; keep the run's own random streams as they were.
+    import numpy as np
+
+    states = (random.getstate(), np.random.get_state(), torch.random.get_rng_state())
+    try:
+        m = _score(cfg, model, tokenizer, include_path, run_dir, device, prefix, show_progress)
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.random.set_rng_state(states[2])
+    m[f"time/{prefix}_s"] = m.pop(f"{prefix}/time_s", 0.0)
+    return m
+
+
+def _score(cfg: RunConfig, model, tokenizer, include_path, run_dir: Path, device, prefix: str,
+           show_progress: bool) -> dict:
     ev = cfg.eval
-    m = bench_stage.evaluate_benchmarks(
+    return bench_stage.evaluate_benchmarks(
         model, tokenizer, tasks=list(ev.tasks), include_path=include_path, limit=ev.limit,
         num_fewshot=ev.num_fewshot, batch_size=ev.batch_size, max_new_tokens=ev.max_new_tokens,
         log_samples=ev.log_samples, out_dir=run_dir, prefix=prefix, device=str(device),
         show_progress=show_progress)
-    m[f"time/{prefix}_s"] = m.pop(f"{prefix}/time_s", 0.0)
-    return m
 
 
 def _deltas(metrics: dict) -> dict:
@@ -124,6 +138,21 @@ def _deltas(metrics: dict) -> dict:
             if isinstance(base, (int, float)) and isinstance(v, (int, float)):
                 out["eval_delta/" + k[len("eval/"):]] = v - base
     return out
+
+
+class OverBudget(RuntimeError):
+    """The plan says this run exceeds planner.budget_gb: recorded as skipped, nothing loaded."""
+
+
+def _plan(cfg: RunConfig, device: torch.device):
+    """The memory plan (planner.py), or None: a planner problem must never fail the run."""
+    from .planner import plan_run
+
+    try:
+        return plan_run(cfg, device_type=device.type)
+    except Exception as e:  # noqa: BLE001
+        log.warning("memory plan unavailable: %s", e)
+        return None
 
 
 def _seed_everything(seed: int) -> None:
@@ -168,6 +197,10 @@ def run(cfg: RunConfig, *, show_progress: bool = True) -> Outcome:
     loaded = model = None
     try:
         include_path = preflight(cfg, run_dir)
+        planned = _plan(cfg, device)  # meta skeleton only: the prediction exists before any weight loads
+        metrics.update(planned.metrics() if planned else {})
+        if planned and cfg.planner.budget_gb is not None and planned.peak_gb > cfg.planner.budget_gb:
+            raise OverBudget(f"predicted peak {planned.peak_gb:.2f} GB > planner.budget_gb={cfg.planner.budget_gb}")
         logger = make_logger(cfg.logger, run_dir=run_dir, run_id=rid, study=cfg.study, config=config)
         if cfg.train.num_threads > 0:
             torch.set_num_threads(cfg.train.num_threads)
@@ -235,6 +268,9 @@ def run(cfg: RunConfig, *, show_progress: bool = True) -> Outcome:
         if cfg.lora.method == "lora" and cfg.train.save_adapter and result.steps > 0:
             model.save_pretrained(run_dir / "adapter")
         status = "completed"
+    except OverBudget as e:
+        status, error = "skipped", str(e)
+        log.info("skip %s: %s", rid, error)
     except Exception as e:  # noqa: BLE001 - a failed run is recorded, never raised into the sweep
         error = f"{type(e).__name__}: {e}" if not isinstance(e, PreflightError) else str(e)
         (run_dir / "error.log").write_text(traceback.format_exc())

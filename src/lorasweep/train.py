@@ -19,6 +19,10 @@ from .config import OptimizerConfig, TrainConfig
 from .data import Batches
 
 
+# Packed batches carry position_ids instead of an attention mask (see packing.py).
+MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "labels")
+
+
 class DivergedError(RuntimeError):
     pass
 
@@ -104,6 +108,12 @@ def train(model: torch.nn.Module, train: Batches, oc: OptimizerConfig, tc: Train
     scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype == torch.float16)
 
     model.train()
+    # No KV cache while training: it costs time and memory, and with a cache transformers ignores
+    # the position ids that keep packed examples apart. Restored after training (generation wants it).
+    config = getattr(model, "config", None)
+    use_cache = getattr(config, "use_cache", None)
+    if use_cache:
+        config.use_cache = False
     batches = _micro_batches(train)
     window: list[torch.Tensor] = []  # detached per-step losses since the last log
     tokens = loss_tokens = 0
@@ -116,10 +126,9 @@ def train(model: torch.nn.Module, train: Batches, oc: OptimizerConfig, tc: Train
         step_loss = torch.zeros((), device=device)
         for _ in range(tc.grad_accum):
             epoch, b = next(batches)
-            ids = b["input_ids"].to(device, non_blocking=True)
+            inputs = {k: b[k].to(device, non_blocking=True) for k in MODEL_INPUTS if k in b}
             with _autocast(device, autocast_dtype):
-                out = model(input_ids=ids, attention_mask=b["attention_mask"].to(device, non_blocking=True),
-                            labels=b["labels"].to(device, non_blocking=True))
+                out = model(**inputs)
             loss = out.loss / tc.grad_accum
             scaler.scale(loss).backward()
             step_loss += loss.detach().float()
@@ -162,6 +171,8 @@ def train(model: torch.nn.Module, train: Batches, oc: OptimizerConfig, tc: Train
         torch.cuda.synchronize(device)
     train_s = time.perf_counter() - t0
     bar.close()
+    if use_cache:
+        config.use_cache = use_cache
     opt.zero_grad(set_to_none=True)
     del opt  # optimizer states are the run's, not the next phase's
     return TrainResult(n_steps, last_loss, first_loss, train_s, tokens, loss_tokens,
