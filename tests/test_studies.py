@@ -1,0 +1,111 @@
+"""Every study in sweeps/ composes, validates and (slow test) runs to completion at smoke size.
+
+Fast: each study's whole grid is expanded the way Hydra's basic sweeper does it and every
+combination is composed into a RunConfig and validated (no weights). Slow: every study runs
+through the `lorasweep` command with model=tiny_llama train.max_steps=2 eval=none logger=none,
+and every run of its grid must end completed; the report is then written for each folder.
+"""
+from __future__ import annotations
+
+import itertools
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO, compose
+from tiny_encoder import tiny_bert_dir, write_glue_folder
+
+STUDIES = ["rank_alpha", "qlora_vs_lora", "optimizers", "epochs", "targets", "alpha_scan",
+           "finetune_methods", "seeds", "sst2_classification"]
+SMOKE = ["train.max_steps=2", "eval=none", "logger=none", "train.batch_size=2", "train.max_seq_len=64",
+         "data.n_train=32", "data.n_val=8", "data.n_test=8"]
+
+
+def study_files() -> list[Path]:
+    return sorted(p for p in (REPO / "sweeps").glob("*.yaml"))
+
+
+def grid(path: Path) -> list[list[str]]:
+    """The study's sweep as override lists, expanded like Hydra's basic sweeper (cartesian product)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    params = (yaml.safe_load(path.read_text()).get("hydra") or {}).get("sweeper", {}).get("params") or {}
+    parser = OverridesParser.create()
+    axes = []
+    for key, value in params.items():
+        ov = parser.parse_overrides([f"{key}={value}"])[0]
+        vals = list(ov.sweep_string_iterator()) if ov.is_sweep_override() else [ov.get_value_element_as_str()]
+        axes.append([f"{key}={v}" for v in vals])
+    return [list(c) for c in itertools.product(*axes)]
+
+
+@pytest.fixture(scope="module")
+def encoder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("enc")
+    return tiny_bert_dir(root), write_glue_folder(root / "sst2", n_train=32, n_dev=8, n_test=8)
+
+
+def model_overrides(name: str, request) -> list[str]:
+    """tiny_llama for the causal-LM studies; a tiny BERT and a tiny GLUE folder for SST-2."""
+    cfg = yaml.safe_load((REPO / "sweeps" / f"{name}.yaml").read_text())
+    if any("minilm" in str(d) for d in cfg.get("defaults") or []):
+        bert, folder = request.getfixturevalue("encoder")
+        return [f"model.name_or_path={bert}", "model.name=tiny_bert", f"data.path={folder}"]
+    return ["model=tiny_llama"]
+
+
+def test_the_nine_studies_exist():
+    names = {p.stem for p in study_files()}
+    missing = set(STUDIES) - names
+    assert not missing, f"missing study files: {missing}"
+    for name in STUDIES:
+        text = (REPO / "sweeps" / f"{name}.yaml").read_text()
+        assert text.startswith("# @package _global_"), name
+        cfg = yaml.safe_load(text)
+        assert cfg["study"] == name and cfg["hydra"]["mode"] == "MULTIRUN", name
+        assert "GPU scale" in text and "Reference" in text, f"{name}: header must give the reference and GPU overrides"
+        assert cfg.get("reference", {}).get("question"), f"{name}: reference.question"
+
+
+@pytest.mark.parametrize("path", study_files(), ids=lambda p: p.stem)
+def test_every_grid_point_composes_and_validates(path, request, tmp_path):
+    from lorasweep.config import run_id, validate
+
+    combos = grid(path)
+    assert combos, f"{path.name}: no sweep params"
+    ids = set()
+    for combo in combos:
+        cfg = compose(f"sweep={path.stem}", *model_overrides(path.stem, request), *SMOKE,
+                      f"results_dir={tmp_path}", *combo)
+        validate(cfg)
+        assert cfg.study == yaml.safe_load(path.read_text())["study"]
+        ids.add(run_id(cfg))
+    assert len(ids) == len(combos), f"{path.name}: two grid points share a run id"
+
+
+def test_rank_alpha_sets_alpha_relative_to_r():
+    got = {(c.lora.r, c.lora.alpha) for c in
+           (compose("sweep=rank_alpha", "model=tiny_llama", f"lora.r={r}", f"+sweep/arms={a}")
+            for r in (4, 64) for a in ("alpha_0p5r", "alpha_1r", "alpha_2r"))}
+    assert got == {(4, 2.0), (4, 4.0), (4, 8.0), (64, 32.0), (64, 64.0), (64, 128.0)}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", STUDIES)
+def test_study_smoke_run_completes(name, request, tmp_path):
+    """The real command on the whole grid: every run completed, and the report writes."""
+    from lorasweep.report import load_study, write_report
+
+    out = tmp_path / "r"
+    cmd = [sys.executable, "-m", "lorasweep.cli", f"sweep={name}", *model_overrides(name, request), *SMOKE,
+           f"results_dir={out}"]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    df = load_study(out / name)
+    assert len(df) == len(grid(REPO / "sweeps" / f"{name}.yaml"))
+    assert (df["status"] == "completed").all(), df[["run_id", "status", "error"]].to_string()
+    paths = write_report(out / name)
+    assert paths["md"].read_text().startswith(f"# Study: {name}")
