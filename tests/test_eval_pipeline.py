@@ -52,3 +52,16 @@ def test_user_task_yaml_through_include_path(tiny, tmp_path):
                             "train.max_steps=1"), show_progress=False)
     assert out.status == "completed", out.error
     assert 0.0 <= out.metrics["eval/my_plus_one/acc"] <= 1.0
+
+
+def test_base_scores_are_shared_by_runs_of_one_base(tiny):
+    a = pipeline.run(tiny("eval=arithmetic", "eval.limit=4", "train.max_steps=1", "lora.r=2"), show_progress=False)
+    b = pipeline.run(tiny("eval=arithmetic", "eval.limit=4", "train.max_steps=1", "lora.r=4"), show_progress=False)
+    assert a.status == b.status == "completed"
+    assert "eval_base/reused" not in a.metrics and b.metrics["eval_base/reused"] == 1
+    for k, v in a.metrics.items():
+        if k.startswith("eval_base/"):
+            assert b.metrics[k] == v
+    c = pipeline.run(tiny("eval=arithmetic", "eval.limit=4", "train.max_steps=1", "precision=bf16_true"),
+                     show_progress=False)
+    assert "eval_base/reused" not in c.metrics  # another precision is another base

@@ -4,6 +4,9 @@ The only module that calls the stages; the stages import config types, not each 
 """
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import logging
 import os
 import random
@@ -27,7 +30,7 @@ from . import train as train_stage
 from .config import DataConfig, RunConfig, run_id as make_run_id, to_dict, validate
 from .loggers import make_logger
 from .memory import PeakTracker, release_memory
-from .record import RunRecord, read_record
+from .record import RunRecord, read_record, write_json_atomic
 
 log = logging.getLogger("lorasweep")
 
@@ -127,6 +130,23 @@ def _score(cfg: RunConfig, model, tokenizer, include_path, run_dir: Path, device
         num_fewshot=ev.num_fewshot, batch_size=ev.batch_size, max_new_tokens=ev.max_new_tokens,
         log_samples=ev.log_samples, out_dir=run_dir, prefix=prefix, device=str(device),
         show_progress=show_progress)
+
+
+def _base_scores(cfg: RunConfig, model, tokenizer, include_path, run_dir: Path, device, show_progress: bool) -> dict:
+    """The base model's scores, computed once per study for each (model, precision, eval, data)
+    setting: every run of a sweep over LoRA settings shares the same base, so they share its scores."""
+    ident = {"model": dataclasses.asdict(cfg.model), "precision": dataclasses.asdict(cfg.precision),
+             "data": dataclasses.asdict(cfg.data), "max_seq_len": cfg.train.max_seq_len,
+             "eval": {k: v for k, v in dataclasses.asdict(cfg.eval).items() if k not in ("baseline", "log_samples", "val_loss")}}
+    key = hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    cached = Path(cfg.results_dir) / cfg.study / ".base_scores" / f"{key}.json"
+    if cached.exists() and not cfg.rerun:
+        m = json.loads(cached.read_text())
+        log.info("base-model scores reused from %s (same model, precision, data and eval settings)", cached)
+        return {**m, "eval_base/reused": 1, "time/eval_base_s": 0.0}
+    m = _benchmark(cfg, model, tokenizer, include_path, run_dir, device, "eval_base", show_progress)
+    write_json_atomic(cached, m)
+    return m
 
 
 def _deltas(metrics: dict) -> dict:
@@ -243,8 +263,7 @@ def run(cfg: RunConfig, *, show_progress: bool = True) -> Outcome:
         if cfg.eval.tasks and cfg.eval.baseline:
             # Before any step the adapter is the identity (B = 0): this scores the base model.
             mem.start("eval_base")
-            metrics.update(_benchmark(cfg, model, loaded.tokenizer, include_path, run_dir, device,
-                                      "eval_base", show_progress))
+            metrics.update(_base_scores(cfg, model, loaded.tokenizer, include_path, run_dir, device, show_progress))
         mem.start("train")
         result = train_stage.train(model, prepared.train, cfg.optimizer, cfg.train, device=device,
                                    autocast_dtype=autocast, log=log_step, memory=mem, show_progress=show_progress)
