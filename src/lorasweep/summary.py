@@ -14,8 +14,19 @@ def _fmt(metrics: dict | None, key: str, fmt: str) -> str:
     return "-" if v is None else fmt.format(v)
 
 
+def _score_columns(outcomes: list[dict]) -> list[tuple[str, str, str]]:
+    """Benchmark scores (base and tuned side by side) and classifier accuracy, when present."""
+    keys = sorted({k for o in outcomes for k in (o.get("metrics") or {})
+                   if k.startswith(("eval/", "eval_base/")) and not k.endswith(("_stderr", "perplexity", "reused"))
+                   or k in ("val/accuracy", "val/f1")})
+    keys.sort(key=lambda k: (k.split("/", 1)[-1], not k.startswith("eval_base/")))
+    return [(k, ("base " if k.startswith("eval_base/") else "") + k.split("/", 1)[1].replace("lorasweep_", ""), "{:.3f}")
+            for k in keys]
+
+
 def format_table(outcomes: list[dict]) -> str:
     cols = [c for c in COLUMNS if any(c[0] in (o.get("metrics") or {}) for o in outcomes)]
+    cols += _score_columns(outcomes)
     header = ["run", "status"] + [c[1] for c in cols]
     rows = [[o["run_id"], o["status"]] + [_fmt(o.get("metrics"), k, f) for k, _, f in cols] for o in outcomes]
     widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
