@@ -178,7 +178,10 @@ def plan(cfg: RunConfig, skeleton: torch.nn.Module, device_type: str = "cpu", se
     heads_n = getattr(hf, "num_attention_heads", 1)
     kv = getattr(hf, "num_key_value_heads", heads_n) * (getattr(hf, "head_dim", None) or h // heads_n)
     per_layer = ACT_H * h + ACT_I * inter + ACT_KV * kv
-    lora_per_layer = sum(m.in_features + lo.r for m in lora_modules.values()) / max(layers, 1)
+    # LoRA keeps A's output (r) per module; with dropout > 0 also the dropped copy of the input and
+    # its 1-byte mask (with dropout 0, lora_A reads the very tensor the base layer already keeps).
+    lora_in = sum(m.in_features for m in lora_modules.values()) * ((1 + 1 / e) if lo.dropout > 0 else 0)
+    lora_per_layer = (lora_in + lo.r * len(lora_modules)) / max(layers, 1)
     if lo.method != "lora" and n_trainable:
         # trained base linears keep their inputs (~ one h and one i per layer beyond the frozen case)
         per_layer += h + inter
