@@ -432,6 +432,12 @@ def _subplots(*args, **kw):
     return fig, fig.subplots(*args, **kw)
 
 
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return path
+
+
 def plot_loss_curves(df: pd.DataFrame, path: Path) -> Path | None:
     fig, ax = _subplots(figsize=(7, 4.5))
     drawn = 0
@@ -449,9 +455,7 @@ def plot_loss_curves(df: pd.DataFrame, path: Path) -> Path | None:
     ax.set_title(f"{df.attrs.get('study')}: training loss")
     ax.legend(fontsize=7, ncol=2 if drawn > 6 else 1)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    return path
+    return _save(fig, path)
 
 
 def plot_heatmap(df: pd.DataFrame, path: Path) -> Path | None:
@@ -485,9 +489,7 @@ def plot_heatmap(df: pd.DataFrame, path: Path) -> Path | None:
                 fontweight="bold" if bold else None)
     fig.colorbar(im, ax=ax, label=key + (" (higher is better)" if hi else " (lower is better)"))
     ax.set_title(f"{df.attrs.get('study')}: {key} by r and {col_name}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    return path
+    return _save(fig, path)
 
 
 def plot_mem_vs_time(df: pd.DataFrame, path: Path) -> Path | None:
@@ -504,9 +506,7 @@ def plot_mem_vs_time(df: pd.DataFrame, path: Path) -> Path | None:
     ax.set_title(f"{df.attrs.get('study')}: memory vs time")
     ax.grid(alpha=0.3)
     ax.margins(0.2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    return path
+    return _save(fig, path)
 
 
 def plot_score_by_run(df: pd.DataFrame, path: Path) -> Path | None:
@@ -521,9 +521,7 @@ def plot_score_by_run(df: pd.DataFrame, path: Path) -> Path | None:
     ax.set_xlabel(key + (" (higher is better)" if hi else " (lower is better)"))
     ax.set_title(f"{df.attrs.get('study')}: {key}")
     ax.grid(alpha=0.3, axis="x")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    return path
+    return _save(fig, path)
 
 
 def plot_score_vs_param(df: pd.DataFrame, param: str, path: Path) -> Path | None:
@@ -545,9 +543,7 @@ def plot_score_vs_param(df: pd.DataFrame, param: str, path: Path) -> Path | None
     ax.set_title(f"{df.attrs.get('study')}: {key} vs {param}")
     ax.legend()
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    return path
+    return _save(fig, path)
 
 
 def plot_seed_spread(df: pd.DataFrame, path: Path) -> Path | None:
@@ -570,9 +566,7 @@ def plot_seed_spread(df: pd.DataFrame, path: Path) -> Path | None:
         ax.set_title(HEADERS.get(k, k), fontsize=9)
         ax.grid(alpha=0.3, axis="y")
     fig.suptitle(f"{df.attrs.get('study')}: spread over seeds (mean ± std)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    return path
+    return _save(fig, path)
 
 
 def make_plots(df: pd.DataFrame, folder: Path) -> list[Path]:
