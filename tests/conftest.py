@@ -41,7 +41,7 @@ def tiny(tmp_path):
     """Compose a tiny_llama run writing under tmp_path, quiet, a few steps."""
     def make(*overrides: str):
         base = ["model=tiny_llama", "logger=none", f"results_dir={tmp_path / 'results'}", "study=t",
-                "train.max_steps=4", "train.batch_size=4", "train.max_seq_len=64", "data.n_train=64",
+                "train.max_steps=4", "train.batch_size=4", "train.max_seq_len=80", "data.n_train=64",
                 "data.n_val=16", "data.n_test=16"]
         return compose(*base, *overrides)
     return make

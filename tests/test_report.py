@@ -13,7 +13,7 @@ import pytest
 from conftest import REPO, compose
 
 TINY = ["model=tiny_llama", "logger=none", "eval=val", "train.max_steps=2", "train.batch_size=2",
-        "train.max_seq_len=64", "data.n_train=16", "data.n_val=4", "data.n_test=4", "train.log_every=1",
+        "train.max_seq_len=80", "data.n_train=16", "data.n_val=4", "data.n_test=4", "train.log_every=1",
         "train.save_adapter=false"]
 
 

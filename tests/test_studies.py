@@ -20,7 +20,7 @@ from tiny_encoder import tiny_bert_dir, write_glue_folder
 
 STUDIES = ["rank_alpha", "qlora_vs_lora", "optimizers", "epochs", "targets", "alpha_scan",
            "finetune_methods", "seeds", "sst2_classification"]
-SMOKE = ["train.max_steps=2", "eval=none", "logger=none", "train.batch_size=2", "train.max_seq_len=64",
+SMOKE = ["train.max_steps=2", "eval=none", "logger=none", "train.batch_size=2", "train.max_seq_len=80",
          "data.n_train=32", "data.n_val=8", "data.n_test=8"]
 
 

@@ -8,6 +8,7 @@ import time
 import torch
 
 from .data import Batches
+from .loss import batch_loss_sum
 
 
 @torch.no_grad()
@@ -20,11 +21,8 @@ def validation_loss(model: torch.nn.Module, val: Batches, *, device: torch.devic
     count = 0
     ctx = torch.autocast(device_type=device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
     for b in val.epoch(0):
-        with ctx:
-            out = model(input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device),
-                        labels=b["labels"].to(device))
-        # HF returns the mean over this batch's label tokens; weight it back by their number.
-        total += out.loss.double() * b["n_loss_tokens"]
+        with ctx:  # the training objective's sum, so val/loss and train/loss are on one basis
+            total += batch_loss_sum(model, {k: b[k].to(device) for k in ("input_ids", "attention_mask", "labels")}).double()
         count += b["n_loss_tokens"]
     model.train(was_training)
     loss = float(total) / max(count, 1)

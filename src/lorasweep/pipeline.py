@@ -212,6 +212,9 @@ def run(cfg: RunConfig, *, show_progress: bool = True) -> Outcome:
     device = model_stage.pick_device(cfg.train.device)
     base_cache.evict_unless(cfg, device)  # before the peak reset: an unused cached base must not count
     release_memory()
+    # Process-wide state a run changes, restored after it so the next run of a one-process sweep
+    # starts as a fresh process would: torch's intra-op thread count (train.num_threads).
+    threads_before = torch.get_num_threads()
     mem = PeakTracker(device)  # resets the process peak: this run's figures are its own
     mem.start("load")
     loaded = model = None
@@ -223,7 +226,7 @@ def run(cfg: RunConfig, *, show_progress: bool = True) -> Outcome:
             raise OverBudget(f"predicted peak {planned.peak_gb:.2f} GB > planner.budget_gb={cfg.planner.budget_gb}")
         logger = make_logger(cfg.logger, run_dir=run_dir, run_id=rid, study=cfg.study, config=config)
         if cfg.train.num_threads > 0:
-            torch.set_num_threads(cfg.train.num_threads)
+            torch.set_num_threads(cfg.train.num_threads)  # process-wide: restored in `finally`
         _seed_everything(cfg.train.seed)
 
         t0 = time.perf_counter()
@@ -269,7 +272,8 @@ def run(cfg: RunConfig, *, show_progress: bool = True) -> Outcome:
                                    autocast_dtype=autocast, log=log_step, memory=mem, show_progress=show_progress)
         metrics.update({"time/train_s": result.train_s, "throughput/tokens_per_s": result.tokens_per_s,
                         "train/steps": result.steps, "train/tokens": result.tokens,
-                        "train/loss_tokens": result.loss_tokens, "train/epochs": result.epochs_done})
+                        "train/loss_tokens": result.loss_tokens, "train/epochs": result.epochs_done,
+                        **(result.optimizer_info or {})})
         if result.final_loss is not None:
             metrics["train/loss"] = result.final_loss
             metrics["train/first_loss"] = result.first_loss
@@ -307,4 +311,5 @@ def run(cfg: RunConfig, *, show_progress: bool = True) -> Outcome:
             base_cache.release(model)  # unload the adapter, check the cached base's hash
             del model, loaded
             release_memory()
+            torch.set_num_threads(threads_before)
     return Outcome(rid, status, error, str(run_dir), metrics)

@@ -3,6 +3,12 @@
 Accumulation, clipping, warmup + schedule, autocast / grad scaling; per-step loss, lr,
 tokens/s and memory. The host reads loss values only on logging steps, so a GPU never
 waits on a per-step sync.
+
+One optimizer step, one objective: the step's loss is the mean over ALL its loss tokens (see
+loss.py), so batch 8 x accum 1 and 2 x 4 train identically. An epoch's last step takes only that
+epoch's leftover micro-batches, so ``epochs=1`` is exactly one pass. ``train/lr`` is the rate the
+optimizer used in the logged step: lr x (step + 1) / warmup_steps during warmup (step counted
+from 0), then the schedule over the remaining steps.
 """
 from __future__ import annotations
 
@@ -17,6 +23,7 @@ from tqdm.auto import tqdm
 
 from .config import OptimizerConfig, TrainConfig
 from .data import Batches
+from .loss import batch_loss_sum
 
 
 # Packed batches carry position_ids instead of an attention mask (see packing.py).
@@ -27,18 +34,47 @@ class DivergedError(RuntimeError):
     pass
 
 
-def build_optimizer(params: list[torch.nn.Parameter], oc: OptimizerConfig) -> torch.optim.Optimizer:
+def decay_groups(model: torch.nn.Module) -> tuple[list[tuple[str, torch.nn.Parameter]], list[tuple[str, torch.nn.Parameter]]]:
+    """(decayed, not decayed) trainable parameters. Biases and normalisation weights never decay
+    (transformers' ``get_decay_parameter_names`` convention): decaying a norm's gain towards 0 is
+    not regularisation, it shrinks the layer."""
+    norm_params = set()
+    for module in model.modules():
+        if "norm" in type(module).__name__.lower():
+            norm_params.update(id(p) for p in module.parameters(recurse=False))
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if name.endswith("bias") or id(p) in norm_params else decay).append((name, p))
+    return decay, no_decay
+
+
+def build_optimizer(groups: list[dict], oc: OptimizerConfig) -> torch.optim.Optimizer:
+    """``groups``: torch param groups, each with its own ``weight_decay``."""
     if oc.name == "adamw":
-        return torch.optim.AdamW(params, lr=oc.lr, weight_decay=oc.weight_decay, betas=tuple(oc.betas))
+        return torch.optim.AdamW(groups, lr=oc.lr, betas=tuple(oc.betas))
     if oc.name == "sgd":
-        return torch.optim.SGD(params, lr=oc.lr, momentum=oc.momentum, weight_decay=oc.weight_decay)
+        return torch.optim.SGD(groups, lr=oc.lr, momentum=oc.momentum)
     import bitsandbytes as bnb
 
     if oc.name == "paged_adamw_8bit":
-        return bnb.optim.PagedAdamW8bit(params, lr=oc.lr, weight_decay=oc.weight_decay, betas=tuple(oc.betas))
+        return bnb.optim.PagedAdamW8bit(groups, lr=oc.lr, betas=tuple(oc.betas))
     if oc.name == "adamw_8bit":
-        return bnb.optim.AdamW8bit(params, lr=oc.lr, weight_decay=oc.weight_decay, betas=tuple(oc.betas))
+        return bnb.optim.AdamW8bit(groups, lr=oc.lr, betas=tuple(oc.betas))
     raise ValueError(f"optimizer.name={oc.name!r}: unknown")
+
+
+def param_groups(model: torch.nn.Module, oc: OptimizerConfig) -> tuple[list[dict], dict]:
+    """Torch param groups (decayed / not) and what the record says about them."""
+    decay, no_decay = decay_groups(model)
+    groups = [{"params": [p for _, p in decay], "weight_decay": oc.weight_decay}]
+    if no_decay:
+        groups.append({"params": [p for _, p in no_decay], "weight_decay": 0.0})
+    info = {"optimizer/decay_tensors": len(decay), "optimizer/no_decay_tensors": len(no_decay),
+            "optimizer/decay_params": sum(p.numel() for _, p in decay),
+            "optimizer/no_decay_params": sum(p.numel() for _, p in no_decay)}
+    return groups, info
 
 
 def lr_lambda(oc: OptimizerConfig, total_steps: int) -> Callable[[int], float]:
@@ -73,6 +109,7 @@ class TrainResult:
     tokens: int
     loss_tokens: int
     epochs_done: float
+    optimizer_info: dict | None = None
 
     @property
     def tokens_per_s(self) -> float:
@@ -85,12 +122,20 @@ def _autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def _micro_batches(train: Batches):
-    """Batches forever, epoch after epoch, with the epoch number."""
+def _optimizer_steps(train: Batches, grad_accum: int):
+    """(epoch, fraction of the epoch done, micro-batches) per optimizer step, epoch after epoch.
+    An epoch's last step takes only its leftover micro-batches (as transformers' Trainer does)."""
     epoch = 0
+    n = max(len(train), 1)
     while True:
-        for b in train.epoch(epoch):
-            yield epoch, b
+        chunk = []
+        for i, b in enumerate(train.epoch(epoch), 1):
+            chunk.append(b)
+            if len(chunk) == grad_accum:
+                yield epoch, i / n, chunk
+                chunk = []
+        if chunk:
+            yield epoch, 1.0, chunk
         epoch += 1
 
 
@@ -98,12 +143,13 @@ def train(model: torch.nn.Module, train: Batches, oc: OptimizerConfig, tc: Train
           device: torch.device, autocast_dtype: torch.dtype | None,
           log: Callable[[int, dict], None], memory=None, show_progress: bool = True) -> TrainResult:
     n_steps = total_steps(tc, len(train))
-    params = [p for p in model.parameters() if p.requires_grad]
     if n_steps == 0:
         return TrainResult(0, None, None, 0.0, 0, 0, 0.0)
+    groups, opt_info = param_groups(model, oc)
+    params = [p for g in groups for p in g["params"]]
     if not params:
         raise RuntimeError("no trainable parameters: check lora.method / lora.targets")
-    opt = build_optimizer(params, oc)
+    opt = build_optimizer(groups, oc)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(oc, n_steps))
     scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype == torch.float16)
 
@@ -114,49 +160,52 @@ def train(model: torch.nn.Module, train: Batches, oc: OptimizerConfig, tc: Train
     use_cache = getattr(config, "use_cache", None)
     if use_cache:
         config.use_cache = False
-    batches = _micro_batches(train)
-    window: list[torch.Tensor] = []  # detached per-step losses since the last log
-    tokens = loss_tokens = 0
+    steps = _optimizer_steps(train, tc.grad_accum)
+    # (token-mean loss, loss tokens) per step since the last log: the logged loss is token-weighted
+    window: list[tuple[torch.Tensor, int]] = []
+    tokens = loss_tokens = micro_batches = 0
     first_loss = last_loss = None
-    epoch = 0
     bar = tqdm(total=n_steps, desc="train", unit="step", disable=not show_progress, leave=False, dynamic_ncols=True)
     t0 = time.perf_counter()
     t_log, tok_log = t0, 0
     for step in range(1, n_steps + 1):
+        epoch, frac, chunk = next(steps)
+        step_items = sum(b["n_loss_tokens"] for b in chunk)  # known on the host before any forward
         step_loss = torch.zeros((), device=device)
-        for _ in range(tc.grad_accum):
-            epoch, b = next(batches)
+        for b in chunk:
             inputs = {k: b[k].to(device, non_blocking=True) for k in MODEL_INPUTS if k in b}
             with _autocast(device, autocast_dtype):
-                out = model(**inputs)
-            loss = out.loss / tc.grad_accum
+                loss = batch_loss_sum(model, inputs) / max(step_items, 1)
             scaler.scale(loss).backward()
             step_loss += loss.detach().float()
             tokens += b["n_tokens"]
-            loss_tokens += b["n_loss_tokens"]
+        loss_tokens += step_items
+        micro_batches += len(chunk)
         if oc.max_grad_norm is not None:
             scaler.unscale_(opt)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, oc.max_grad_norm)
         else:
             grad_norm = None
+        lr_used = opt.param_groups[0]["lr"]  # this step's rate; sched.step() below sets the next one
         scaler.step(opt)
         scaler.update()
         opt.zero_grad(set_to_none=True)
         sched.step()
-        window.append(step_loss)
+        window.append((step_loss, step_items))
         bar.update(1)
 
         if step % tc.log_every == 0 or step == n_steps or step == 1:
-            losses = torch.stack(window).cpu()  # the one host sync, on logging steps only
+            losses = torch.stack([l for l, _ in window]).cpu()  # the one host sync, on logging steps only
             finite = torch.isfinite(losses)
             if not bool(finite.all()):
                 bad_step = step - len(window) + 1 + int((~finite).nonzero()[0])
                 raise DivergedError(f"diverged at step {bad_step} (loss {float(losses[~finite][0])})")
-            loss_val = float(losses.mean())
+            weights = torch.tensor([n for _, n in window], dtype=torch.float64)
+            loss_val = float((losses.double() * weights).sum() / weights.sum().clamp(min=1))
             first_loss = float(losses[0]) if first_loss is None else first_loss
             last_loss = loss_val
             now = time.perf_counter()
-            rec = {"train/loss": loss_val, "train/lr": sched.get_last_lr()[0], "train/epoch": epoch,
+            rec = {"train/loss": loss_val, "train/lr": lr_used, "train/epoch": epoch + frac,
                    "throughput/tokens_per_s": (tokens - tok_log) / max(now - t_log, 1e-9),
                    "train/tokens": tokens}
             if grad_norm is not None:
@@ -176,4 +225,4 @@ def train(model: torch.nn.Module, train: Batches, oc: OptimizerConfig, tc: Train
     opt.zero_grad(set_to_none=True)
     del opt  # optimizer states are the run's, not the next phase's
     return TrainResult(n_steps, last_loss, first_loss, train_s, tokens, loss_tokens,
-                       epochs_done=n_steps * tc.grad_accum / max(len(train), 1))
+                       epochs_done=micro_batches / max(len(train), 1), optimizer_info=opt_info)
