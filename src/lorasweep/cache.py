@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
-FORMAT = 1  # bump when tokenize()'s output changes meaning
+FORMAT = 2  # 2: prompt + answer tokenized as one text; bump when tokenize()'s output changes meaning
 
 
 def cache_root() -> Path:

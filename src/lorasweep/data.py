@@ -136,18 +136,49 @@ def eval_records(rows: list[dict], tokenizer, dc: DataConfig) -> list[dict]:
     return [{"prompt": render_prompt(r, tokenizer, chat), "target": r["output"]} for r in rows]
 
 
+def adds_special_tokens(tokenizer, text: str) -> bool:
+    """lm-eval's rule (HFLM.tok_encode), used in training too so BOS handling is one rule everywhere:
+    the tokenizer's own special tokens, unless the text already starts with its BOS (or, without
+    one, EOS) text, as chat templates that write ``<s>`` / ``<|begin_of_text|>`` do."""
+    prefix_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    if prefix_id is None:
+        return True
+    return not text.startswith(tokenizer.decode(prefix_id))
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 def tokenize(rows: list[dict], tokenizer, dc: DataConfig, max_len: int) -> list[dict]:
+    """Prompt + answer tokenized as ONE text, the way lm-eval encodes context + continuation, so
+    the model learns exactly the ids it is scored on. Encoding the answer on its own would give a
+    SentencePiece tokenizer (Llama-2, Mistral) an extra leading "▁" at the boundary. The loss mask
+    covers the tokens the prompt alone encodes to (the common prefix of the two encodings)."""
     chat = use_chat(dc, tokenizer)
     prompts = [render_prompt(r, tokenizer, chat) for r in rows]
-    # The chat template writes its own special tokens; the alpaca text gets the tokenizer's BOS.
-    p_ids = tokenizer(prompts, add_special_tokens=not chat)["input_ids"]
-    r_ids = tokenizer([r["output"] for r in rows], add_special_tokens=False)["input_ids"]
+    fulls = [p + r["output"] for p, r in zip(prompts, rows)]
+    p_ids: list = [None] * len(rows)
+    f_ids: list = [None] * len(rows)
+    flags = [adds_special_tokens(tokenizer, p) for p in prompts]
+    for flag in set(flags):  # one batched call per BOS choice (one in practice: a shared template)
+        idx = [i for i, f in enumerate(flags) if f == flag]
+        enc_p = tokenizer([prompts[i] for i in idx], add_special_tokens=flag)["input_ids"]
+        enc_f = tokenizer([fulls[i] for i in idx], add_special_tokens=flag)["input_ids"]
+        for i, a, b in zip(idx, enc_p, enc_f):
+            p_ids[i], f_ids[i] = list(a), list(b)
     eos = tokenizer.eos_token_id
     out = []
-    for p, r in zip(p_ids, r_ids):
-        resp = list(r) + ([eos] if eos is not None else [])
-        ids = (list(p) + resp)[:max_len]
-        labels = (list(p) if dc.train_on_prompt else [IGNORE] * len(p)) + resp
+    for p, f in zip(p_ids, f_ids):
+        n_prompt = _common_prefix(p, f)
+        resp = f[n_prompt:] + ([eos] if eos is not None else [])
+        ids = (f[:n_prompt] + resp)[:max_len]
+        labels = (f[:n_prompt] if dc.train_on_prompt else [IGNORE] * n_prompt) + resp
         labels = labels[:max_len]
         if all(l == IGNORE for l in labels[1:]):
             continue  # the prompt alone fills max_seq_len: nothing to learn from this example
