@@ -52,7 +52,11 @@ def weights_hash(model: torch.nn.Module) -> str:
 
 
 def eligible(cfg: RunConfig) -> bool:
-    return cfg.train.reuse_base and cfg.lora.method == "lora" and cfg.precision.quant == "none"
+    """Only bases a run never changes and owns nothing of. A classification model's head is
+    initialised at load under the run's seed: reusing it would give every later seed the first
+    run's head (seed 1 after seed 0 scored exactly like seed 0), so those always load afresh."""
+    return (cfg.train.reuse_base and cfg.lora.method == "lora" and cfg.precision.quant == "none"
+            and cfg.model.task == "causal_lm")
 
 
 def _key(cfg: RunConfig, device: torch.device) -> str:
