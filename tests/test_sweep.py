@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 from conftest import compose
 
 # Small enough for seconds per run on a shared 2-core CPU.
-TINY = ["model=tiny_llama", "logger=none", "train.max_steps=2", "train.batch_size=4", "train.max_seq_len=64",
+TINY = ["model=tiny_llama", "logger=none", "train.max_steps=2", "train.batch_size=4", "train.max_seq_len=80",
         "data.n_train=32", "data.n_val=8", "data.n_test=8", "train.save_adapter=false"]
 
 
@@ -156,28 +156,26 @@ def test_grid_with_bad_targets_records_failures_goes_on_and_relaunch_skips(tmp_p
 @pytest.mark.slow
 def test_sweep_killed_in_second_run_resumes_and_leaves_the_first_untouched(tmp_path):
     study = tmp_path / "r" / "k"
-    # 20 steps a run, so the kill lands inside the second.
     args = ["-m", *TINY, f"results_dir={tmp_path}/r", "study=k", "train.log_every=1", "lora.r=2,4,8",
             "train.max_steps=20"]
-    proc = lorasweep(*args, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    first = None
-    deadline = time.time() + 300
+    # The second run holds after its step 3 until killed: the kill lands inside it on any machine.
+    marker = tmp_path / "held"
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore",
+           "LORASWEEP_TEST_HOLD": f"2:3:{marker}"}
+    proc = subprocess.Popen([sys.executable, str(Path(__file__).parent / "held_cli.py"), *args], cwd=tmp_path,
+                            env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        while time.time() < deadline:
-            recs = records(study)
-            running = [k for k, v in recs.items() if v["status"] == "running"]
-            completed = [k for k, v in recs.items() if v["status"] == "completed"]
-            if len(completed) == 1 and running and (study / running[0] / "steps.jsonl").exists() \
-                    and (study / running[0] / "steps.jsonl").read_text().count("\n") >= 2:
-                first = completed[0]
-                break
-            assert proc.poll() is None, "sweep ended before its second run was caught"
+        deadline = time.time() + 600
+        while not marker.exists():
+            assert proc.poll() is None, "the sweep ended before its second run was held"
+            assert time.time() < deadline, "the second run never reached step 3"
             time.sleep(0.2)
-        else:
-            pytest.fail("second run never started")
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the whole sweep, as a node loss would
         proc.wait()
+    first = [k for k, v in records(study).items() if v["status"] == "completed"]
+    assert len(first) == 1
+    first = first[0]
     killed = [k for k, v in records(study).items() if v["status"] == "running"]
     assert len(killed) == 1
     rec1 = study / first / "record.json"
