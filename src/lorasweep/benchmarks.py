@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
+from . import quiet
+
 # A fresh task index over lm-eval's ~15k built-in YAMLs takes 10+ s, so TaskManagers are
 # kept per (include_path, include_defaults, fingerprint of the include_path YAMLs).
 _TM_CACHE: dict[tuple, Any] = {}
@@ -306,7 +308,7 @@ def evaluate_benchmarks(model, tokenizer, *, tasks: list[str], include_path: str
     model.eval()
     try:
         # only bootstrap in-process: a pool fork of a process holding the model is costly
-        with _quiet_progress(show_progress), _env(DISABLE_MULTIPROC="1"), torch.no_grad():
+        with _quiet_progress(show_progress), _env(DISABLE_MULTIPROC="1"), quiet.lm_eval_call(), torch.no_grad():
             lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size,
                       max_length=max_length, device=device)
             results = simple_evaluate(

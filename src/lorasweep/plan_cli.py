@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import os
 import sys
 
 from .config import ConfigError, validate
@@ -44,8 +45,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("-m", "--multirun", action="store_true", help="plan every combination of comma lists")
     ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                     help="plan for this device (default: what the run would pick here)")
+    ap.add_argument("--config-dir", "-cd", action="append", default=[], metavar="DIR",
+                    help="also search DIR for config groups (like lorasweep's --config-dir; "
+                         "LORASWEEP_CONFIG_DIR works too)")
     ap.add_argument("overrides", nargs="*")
     a = ap.parse_args(argv)
+    from .cli import USER_DIRS_ENV, check_user_config_dirs
+
+    if a.config_dir:  # read by the search-path plugin that lorasweep.cli.register_schema installs
+        os.environ[USER_DIRS_ENV] = os.pathsep.join(
+            [os.environ.get(USER_DIRS_ENV, ""), *(os.path.abspath(d) for d in a.config_dir)]).strip(os.pathsep)
+    problem = check_user_config_dirs()
+    if problem:
+        print(f"lorasweep-plan: {problem}", file=sys.stderr)
+        return 2
     from .config import run_id
     from .planner import plan_run
 
