@@ -28,6 +28,7 @@ from . import evaluate as eval_stage
 from . import model as model_stage
 from . import train as train_stage
 from .config import DataConfig, RunConfig, run_id as make_run_id, to_dict, validate
+from .lease import HeldElsewhere, Lease
 from .loggers import make_logger
 from .memory import PeakTracker, release_memory
 from .record import RunRecord, read_record, write_json_atomic
@@ -42,7 +43,7 @@ class PreflightError(ValueError):
 @dataclass
 class Outcome:
     run_id: str
-    status: str  # completed | failed | skipped
+    status: str  # completed | failed | skipped | elsewhere (another launch holds its lease)
     error: str | None = None
     run_dir: str | None = None
     metrics: dict | None = None
@@ -197,11 +198,37 @@ def run(cfg: RunConfig, *, show_progress: bool = True) -> Outcome:
     validate(cfg)
     rid = make_run_id(cfg)
     run_dir = run_dir_for(cfg)
+    done = _already_completed(cfg, rid, run_dir)
+    if done is not None:
+        return done
+    lease = Lease(run_dir)  # one launch trains a run, however many launches of its sweep there are
+    try:
+        lease.acquire()
+    except HeldElsewhere as e:
+        log.info("skip %s: %s", rid, e)
+        return Outcome(rid, "elsewhere", str(e), str(run_dir))
+    try:
+        # Under the lease, look again: another launch may have finished the run since the check above.
+        done = _already_completed(cfg, rid, run_dir)
+        return done if done is not None else _run_leased(cfg, rid, run_dir, lease, show_progress)
+    finally:
+        lease.release()
+
+
+def _already_completed(cfg: RunConfig, rid: str, run_dir: Path) -> Outcome | None:
     prev = read_record(run_dir)
     if prev and prev.get("status") == "completed" and not cfg.rerun:
         log.info("skip %s: already completed (rerun=true to redo)", rid)
         return Outcome(rid, "skipped", None, str(run_dir), prev.get("metrics"))
+    return None
 
+
+class LeaseLost(RuntimeError):
+    """Another launch took this run over (this process stalled past the lease timeout)."""
+
+
+def _run_leased(cfg: RunConfig, rid: str, run_dir: Path, lease: Lease, show_progress: bool) -> Outcome:
+    """The run itself; every write to its folder happens here, under its lease."""
     config = to_dict(cfg)
     record = RunRecord(run_dir, rid, cfg.study, config)
     record.start(OmegaConf.to_yaml(OmegaConf.create(config)))
@@ -260,6 +287,8 @@ def run(cfg: RunConfig, *, show_progress: bool = True) -> Outcome:
         autocast = model_stage.DTYPES[cfg.precision.autocast] if cfg.precision.autocast != "none" else None
 
         def log_step(step: int, m: dict) -> None:
+            if lease.lost:
+                raise LeaseLost(f"another launch took {rid} over; this one stops writing to it")
             record.log_step(step, m)
             logger.log(step, m)
 
@@ -303,7 +332,8 @@ def run(cfg: RunConfig, *, show_progress: bool = True) -> Outcome:
         metrics.update(mem.metrics())
         metrics["time/total_s"] = time.perf_counter() - t_start
         try:
-            record.finish(status, metrics, error)
+            if not lease.lost:
+                record.finish(status, metrics, error)
         finally:
             if logger is not None:
                 logger.summary(metrics)

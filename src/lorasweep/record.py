@@ -97,10 +97,18 @@ class RunRecord:
         self._steps = None
 
     def start(self, config_yaml: str) -> None:
-        """Begin afresh: leftovers of a killed or failed attempt are removed first."""
-        if self.dir.exists():
-            shutil.rmtree(self.dir)
-        self.dir.mkdir(parents=True)
+        """Begin afresh: leftovers of a killed or failed attempt are removed first (all but the
+        lease this launch holds, see lease.py)."""
+        from .lease import LEASE
+
+        self.dir.mkdir(parents=True, exist_ok=True)
+        for p in self.dir.iterdir():
+            if p.name == LEASE or p.name.startswith(f".{LEASE}."):  # the lease and its heartbeat writes
+                continue
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
         (self.dir / "config.yaml").write_text(config_yaml)
         self.data["env"] = environment()
         self.save()

@@ -42,17 +42,22 @@ def print_run(outcome) -> None:
 def print_sweep(outcomes: list[dict], results_dir: Path, expected: int | None = None) -> int:
     """Print the sweep's table, its tally and each failure; return the number of runs that
     failed, counting runs that never reported (their job was killed) as failed."""
-    n = {s: sum(o["status"] == s for o in outcomes) for s in ("completed", "failed", "skipped")}
+    n = {s: sum(o["status"] == s for o in outcomes) for s in ("completed", "failed", "skipped", "elsewhere")}
     missing = max(0, (expected or 0) - len(outcomes))
     print()
     if outcomes:
         print(format_table(outcomes))
     print(f"\nsweep: {n['completed']} completed, {n['failed']} failed, {n['skipped']} skipped"
+          + (f", {n['elsewhere']} running elsewhere" if n["elsewhere"] else "")
           + (f", {missing} did not report" if missing else "")
           + f" ({len(outcomes) + missing} runs) -> {results_dir}")
     skipped = [o["run_id"] for o in outcomes if o["status"] == "skipped"]
     if skipped:
         print(f"  skipped (already completed; rerun=true to redo): {', '.join(skipped)}")
+    elsewhere = [f"{o['run_id']} ({o['error'].removeprefix('running elsewhere (')}" for o in outcomes
+                 if o["status"] == "elsewhere"]
+    if elsewhere:
+        print(f"  running elsewhere (another launch holds the lease; see lease.json): {', '.join(elsewhere)}")
     for o in outcomes:
         if o["status"] == "failed":
             where = f" [{' '.join(o['overrides'])}]" if o.get("overrides") else ""
