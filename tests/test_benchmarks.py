@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import string
-import time
 from pathlib import Path
 
 import pytest
@@ -155,19 +154,15 @@ def test_check_tasks_include_only_is_fast(toy_tasks, monkeypatch):
     def no_builtins():
         raise AssertionError("indexed the built-in tasks for include_path-only names")
 
-    monkeypatch.setattr(B, "_builtin_task_names", no_builtins)
-    t0 = time.perf_counter()
+    monkeypatch.setattr(B, "_builtin_task_names", no_builtins)  # the slow index is never touched
     B.check_tasks(["toy", "toy_ll", "toy_all"], str(toy_tasks))
-    assert time.perf_counter() - t0 < 5
 
 
 def test_check_tasks_names_unknown_and_closest(toy_tasks, monkeypatch):
     # stand-in for the built-in list (the real one is covered by the slow test below)
     monkeypatch.setattr(B, "_builtin_task_names", lambda: ["hellaswag", "arc_easy"])
-    t0 = time.perf_counter()
     with pytest.raises(ValueError) as err:
         B.check_tasks(["toy", "toy_lll", "hellaswg", "zzzzqqq", "arc_easy"], str(toy_tasks))
-    assert time.perf_counter() - t0 < 5
     msg = str(err.value)
     assert "toy_lll (closest: toy_ll" in msg and "hellaswg (closest: hellaswag)" in msg
     assert "zzzzqqq (no close match)" in msg and "arc_easy" not in msg.split(":", 1)[1].replace("closest", "")
@@ -183,10 +178,13 @@ def test_check_tasks_builtin_names(tmp_path, monkeypatch):
         B.check_tasks(["hellaswg"], None)
     assert (tmp_path / "lm_eval_builtin_tasks.json").is_file()
     monkeypatch.setattr(B, "_TM_CACHE", {})
-    t0 = time.perf_counter()
+
+    def no_index(*a, **kw):
+        raise AssertionError("indexed lm-eval's tasks again instead of reading the disk cache")
+
+    monkeypatch.setattr(B, "_task_manager", no_index)
     with pytest.raises(ValueError, match="arc_eazy"):
         B.check_tasks(["arc_eazy"], None)
-    assert time.perf_counter() - t0 < 5
 
 
 def test_fresh_lora_scores_like_base(tok, toy_tasks):

@@ -1,6 +1,5 @@
 """lm-eval inside a run: generated arithmetic tasks, base-model scores, deltas, early task check."""
 import json
-import time
 from pathlib import Path
 
 from lorasweep import pipeline
@@ -28,13 +27,11 @@ def test_max_steps_zero_scores_the_base_model_only(tiny):
 
 
 def test_unknown_task_fails_before_training(tiny):
-    t0 = time.perf_counter()
     out = pipeline.run(tiny("eval=arithmetic", "eval.tasks=[lorasweep_arithmetc]", "train.max_steps=500"),
                        show_progress=False)
     assert out.status == "failed"
     assert "lorasweep_arithmetc" in out.error and "closest: lorasweep_arithmetic" in out.error
-    assert "train/steps" not in out.metrics
-    assert time.perf_counter() - t0 < 60
+    assert "train/steps" not in out.metrics and "time/load_s" not in out.metrics  # before any weights load
 
 
 def test_user_task_yaml_through_include_path(tiny, tmp_path):
