@@ -141,7 +141,10 @@ def _optimizer_steps(train: Batches, grad_accum: int):
 
 def train(model: torch.nn.Module, train: Batches, oc: OptimizerConfig, tc: TrainConfig, *,
           device: torch.device, autocast_dtype: torch.dtype | None,
-          log: Callable[[int, dict], None], memory=None, show_progress: bool = True) -> TrainResult:
+          log: Callable[[int, dict], None], memory=None, show_progress: bool = True,
+          after_step: Callable[[int], None] | None = None) -> TrainResult:
+    """``after_step(step)`` runs after every optimizer step (and its log line); it may raise to end
+    the run there (e.g. a pruner that stops a losing run)."""
     n_steps = total_steps(tc, len(train))
     if n_steps == 0:
         return TrainResult(0, None, None, 0.0, 0, 0, 0.0)
@@ -216,6 +219,8 @@ def train(model: torch.nn.Module, train: Batches, oc: OptimizerConfig, tc: Train
             bar.set_postfix(loss=f"{loss_val:.4f}")
             window.clear()
             t_log, tok_log = now, tokens
+        if after_step is not None:
+            after_step(step)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     train_s = time.perf_counter() - t0
