@@ -76,6 +76,10 @@ def register_schema() -> None:
     """The typed schema, and the user config folders (every composition calls this first)."""
     ConfigStore.instance().store(name="base_config", node=RunConfig)
     Plugins.instance().register(UserConfigDirs)
+    # The search sweeper (hydra/sweeper=search): Hydra's own scan misses it in an editable install.
+    from hydra_plugins.lorasweep_search.search_sweeper import SearchSweeper
+
+    Plugins.instance().register(SearchSweeper)
 
 
 def to_run_config(cfg: DictConfig) -> RunConfig:
@@ -104,6 +108,8 @@ def task(cfg: DictConfig):
         sweep.job_start(cfg)  # "run k of n"; GPU pinning and thread share before torch starts
     from .pipeline import run
 
+    if multirun and _search_job():
+        return _search_worker(cfg)
     try:
         rc = to_run_config(cfg)
         outcome = run(rc, show_progress=sys.stderr.isatty() or not multirun)
@@ -125,6 +131,15 @@ def task(cfg: DictConfig):
         from .sweep import note_outcome
 
         note_outcome(outcome)
+    if outcome.status == "interrupted":
+        # The process was asked to stop (preemption, time limit, Ctrl-C): the run is checkpointed,
+        # and no further run of the sweep starts. 128 + signal, as the shell reports a signal death.
+        from . import preempt
+
+        print(f"lorasweep: run {outcome.run_id} {outcome.error}", file=sys.stderr)
+        sys.exit(128 + (preempt.requested() or 15))
+    if multirun:
+        pass
     elif outcome.status == "failed":
         print(f"lorasweep: run {outcome.run_id} failed: {outcome.error}", file=sys.stderr)
         sys.exit(1)
@@ -133,6 +148,25 @@ def task(cfg: DictConfig):
 
         print_run(outcome)
     return outcome.__dict__
+
+
+def _search_job() -> bool:
+    from .search import is_search_job
+
+    return is_search_job()
+
+
+def _search_worker(cfg: DictConfig):
+    """A job of a search: trials until the study is full (search.py), each noted as it ends."""
+    from . import preempt, sweep
+    from .search import work
+
+    last = work(cfg, note=lambda o, number, overrides: sweep.note_outcome(o, trial=number, overrides=overrides),
+                job=HydraConfig.get().job.num, show_progress=sys.stderr.isatty())
+    if last is not None and last.status == "interrupted":
+        print(f"lorasweep: run {last.run_id} {last.error}", file=sys.stderr)
+        sys.exit(128 + (preempt.requested() or 15))
+    return last.__dict__ if last is not None else None
 
 
 def main() -> None:

@@ -11,7 +11,7 @@ import json
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional
 
 from omegaconf import MISSING
 
@@ -30,6 +30,16 @@ PRECISIONS = ("fp32", "bf16_mixed", "bf16_true", "fp16_mixed", "nf4", "nf4_dq", 
 OPTIMIZERS = ("adamw", "sgd", "paged_adamw_8bit", "adamw_8bit")
 SCHEDULES = ("constant", "linear", "cosine")
 METHODS = ("lora", "full", "partial")
+ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
+# lora.init values (peft's init_lora_weights; "default" = peft's True: A random, B = 0)
+LORA_INITS = ("default", "gaussian", "pissa", "pissa_niter_<n>", "olora", "loftq")
+# inits that move part of W into the adapter (W = W_res + s*B*A): the base weights change
+BASE_REWRITING_INITS = ("pissa", "olora")
+# LoraConfig fields of the variants; at these values a run is plain LoRA and its id stays what
+# it was before the fields existed
+LORA_VARIANT_DEFAULTS = {"use_dora": False, "use_rslora": False, "init": "default", "loraplus_lr_ratio": None,
+                         "rank_pattern": {}, "alpha_pattern": {}, "layers_to_transform": None,
+                         "exclude_modules": []}
 
 
 @dataclass
@@ -43,6 +53,9 @@ class ModelConfig:
     # only for builtin:tiny_llama
     tiny_layers: int = 2
     tiny_hidden: int = 64
+    # attention kernel: auto (transformers' default: sdpa, eager where a model has no sdpa) | sdpa |
+    # eager | flash_attention_2 | flash_attention_3 | flex_attention; every model build uses it
+    attn_implementation: str = "auto"
 
 
 @dataclass
@@ -56,6 +69,17 @@ class LoraConfig:
     # for method=partial: module patterns to unfreeze (same presets or names as targets)
     trainable: List[str] = field(default_factory=list)
     bias: str = "none"
+    # Variants, each one peft field (README "LoRA variants"); the defaults are plain LoRA.
+    use_dora: bool = False  # DoRA: a trained magnitude per output row on top of the LoRA direction
+    use_rslora: bool = False  # rank-stabilised scaling alpha/sqrt(r) instead of alpha/r
+    # default (A random, B = 0) | gaussian | pissa | pissa_niter_<n> (fast SVD) | olora | loftq
+    init: str = "default"
+    loraplus_lr_ratio: Optional[float] = None  # LoRA+: B matrices train at optimizer.lr x ratio (e.g. 16)
+    # regex (matched against the end of a module's full name, as peft does) -> rank / alpha
+    rank_pattern: Dict[str, int] = field(default_factory=dict)
+    alpha_pattern: Dict[str, float] = field(default_factory=dict)
+    layers_to_transform: Optional[List[int]] = None  # only these decoder layers get LoRA (null = all)
+    exclude_modules: List[str] = field(default_factory=list)  # module names never adapted
 
 
 @dataclass
@@ -70,6 +94,8 @@ class PrecisionConfig:
     double_quant: bool = False
     # compute dtype of the 4-bit matmuls; auto = bfloat16 on a bf16-capable GPU, float32 on CPU
     compute_dtype: str = "auto"
+    # fp32 matmuls on CUDA use TF32 tensor cores (10-bit mantissa inputs, fp32 accumulation); no effect on a CPU
+    tf32: bool = True
 
 
 @dataclass
@@ -101,10 +127,23 @@ class TrainConfig:
     packing: bool = False
     save_adapter: bool = True
     num_threads: int = 0  # torch intra-op threads; 0 = leave torch's default
+    # save a resumable checkpoint every N optimizer steps (0 = only when a stop signal arrives);
+    # a relaunch of the same run resumes from the newest whole one (see checkpoint.py)
+    checkpoint_every: int = 0
+    keep_checkpoints: int = 2
     # keep the loaded base in memory for the next run of this process (LoRA on unquantized bases;
     # see basecache.py); a sweep under the basic launcher then loads each base once
     reuse_base: bool = False
     device: str = "auto"  # auto | cpu | cuda
+    # the loss: labelled = output head only at positions with a label, cross-entropy in chunks
+    # (Liger's fused kernel on CUDA when liger-kernel is installed); full = the model's own
+    # forward, logits at every position (for comparison). Same loss either way (loss.py).
+    loss_head: str = "labelled"
+    compile: bool = False  # torch.compile the decoder; its compile is timed apart (time/compile_s)
+    # validation loss on a fixed subset every N optimizer steps, appended to <run>/val_curve.jsonl
+    # (0 = off); what a pruner (pruner=median|asha) compares runs by
+    eval_every: int = 0
+    eval_examples: int = 32  # the first N validation examples: the same subset for every run
 
 
 @dataclass
@@ -138,7 +177,7 @@ class EvalConfig:
     include_path: Optional[str] = None
     limit: Optional[float] = None
     num_fewshot: Optional[int] = None
-    batch_size: int = 8
+    batch_size: Any = 8  # a positive integer, or auto (lm-eval finds the largest that fits)
     baseline: bool = False
     max_new_tokens: int = 16
     log_samples: bool = False
@@ -160,6 +199,32 @@ class PlannerConfig:
 
 
 @dataclass
+class PrunerConfig:
+    """Stops a losing run early (pruner.py): its periodic validation loss (train.eval_every) against
+    the other runs of the study folder at the same step. Not part of a run's identity."""
+    name: str = "none"  # none | median | asha
+    warmup_steps: int = 0  # no run is stopped before this step
+    # median: completed runs needed before any run is stopped; asha: runs that reached a rung
+    min_runs: int = 3
+    reduction_factor: int = 3  # asha: a rung keeps the best 1/reduction_factor of the runs that reached it
+    min_steps: int = 0  # asha: step of the first rung (0 = train.eval_every); rung k at min_steps x factor^k
+
+
+@dataclass
+class SearchConfig:
+    """An Optuna search (search.py), run by study files with `override /hydra/sweeper: search`.
+    space: {config key: {type: int|float|categorical, low, high, log, step, choices, times}}."""
+    n_trials: int = 20
+    sampler: str = "tpe"  # tpe | random | grid
+    metric: str = "val/loss"  # any metric of the record, e.g. eval/<task>/<metric>
+    direction: str = "auto"  # minimize | maximize | auto (minimize losses and perplexity, else maximize)
+    space: Dict[str, Any] = field(default_factory=dict)
+    seed: int = 0
+    n_startup_trials: int = 5  # tpe: random trials before the model guides the sampling
+    workers: Optional[int] = None  # trials at once; null = hydra.sweeper.max_batch_size, else 1
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -170,29 +235,82 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     planner: PlannerConfig = field(default_factory=PlannerConfig)
+    pruner: PrunerConfig = field(default_factory=PrunerConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
     study: str = "default"
     results_dir: str = "results"
     seed: int = 0
     rerun: bool = False
+    # launcher=parallel / submitit_local on a GPU machine: runs sharing one GPU at a time (more = oversubscribed)
+    runs_per_gpu: int = 1
     # free-form block a study file may carry (article figures); not part of the run's identity
     reference: Optional[Any] = None
 
 
 # Fields that do not change what a run computes: excluded from its identity hash.
-NON_IDENTITY_KEYS = ("logger", "results_dir", "study", "rerun", "reference", "planner")
+# train fields that change how fast a run computes its loss, not the loss (equal to 1e-6):
+# in the id only when set, so labelled-vs-full or compiled-vs-eager comparisons get their own runs
+TRAIN_SPEED_DEFAULTS = {"loss_head": "labelled", "compile": False}
+NON_IDENTITY_KEYS = ("logger", "results_dir", "study", "rerun", "reference", "planner", "pruner", "search",
+                     "runs_per_gpu")
 
 
 def to_dict(cfg: RunConfig) -> dict:
     return dataclasses.asdict(cfg)
 
 
+def _cuda_visible() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def resolve(cfg: RunConfig, device_type: str | None = None) -> RunConfig:
+    """A copy with every machine-dependent ``auto`` replaced by what this machine runs: train.device
+    (cpu / cuda), precision.compute_dtype (the forward's dtype: the 4-bit compute dtype, else the
+    autocast or weights dtype), precision.tf32 (false off CUDA) and model.attn_implementation
+    (transformers' default, sdpa). The run id hashes these, so a CPU run and a GPU run of one config
+    never share a folder or a cached base score. ``device_type`` plans for another machine."""
+    tr, pr, mo = cfg.train, cfg.precision, cfg.model
+    if device_type is None:
+        device_type = tr.device if tr.device != "auto" else ("cuda" if _cuda_visible() else "cpu")
+    cdt = pr.compute_dtype
+    if cdt == "auto":
+        if pr.quant != "none":
+            cdt = "bfloat16" if device_type == "cuda" and _bf16_gpu() else "float32"
+        else:
+            cdt = pr.autocast if pr.autocast != "none" else pr.weights_dtype
+    attn = "sdpa" if mo.attn_implementation == "auto" else mo.attn_implementation
+    return dataclasses.replace(
+        cfg, train=dataclasses.replace(tr, device=device_type),
+        precision=dataclasses.replace(pr, compute_dtype=cdt, tf32=bool(pr.tf32 and device_type == "cuda")),
+        model=dataclasses.replace(mo, attn_implementation=attn))
+
+
+def _bf16_gpu() -> bool:
+    """bf16 tensor cores on the GPU (Ampere+); a machine without one plans for a current GPU."""
+    import torch
+
+    return torch.cuda.is_bf16_supported() if torch.cuda.is_available() else True
+
+
 def config_hash(cfg: RunConfig) -> str:
-    d = to_dict(cfg)
+    d = to_dict(resolve(cfg))  # resolved: `auto` means different runs on different machines
     for k in NON_IDENTITY_KEYS:
         d.pop(k, None)
-    # the number of torch threads and the device choice do not change the maths
+    # the number of torch threads does not change the maths
     d["train"].pop("num_threads", None)
+    d["train"].pop("checkpoint_every", None)  # checkpoints change when a run can stop, not what it computes
+    d["train"].pop("keep_checkpoints", None)
     d["train"].pop("reuse_base", None)
+    for k, default in TRAIN_SPEED_DEFAULTS.items():  # at their defaults, ids stay what they were
+        if d["train"].get(k) == default:
+            d["train"].pop(k, None)
+    d["train"].pop("eval_every", None)  # periodic validation adds a curve; weights and metrics are unchanged
+    d["train"].pop("eval_examples", None)
+    for k, default in LORA_VARIANT_DEFAULTS.items():
+        if d["lora"].get(k) == default:
+            d["lora"].pop(k, None)
     blob = json.dumps(d, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:8]
 
@@ -201,12 +319,41 @@ def _fmt_num(x: float) -> str:
     return str(int(x)) if float(x).is_integer() else str(x).replace(".", "p")
 
 
+def rewrites_base(lo: LoraConfig) -> bool:
+    """PiSSA/OLoRA subtract their start from the base weights: disable_adapter() is no longer the base."""
+    return lo.method == "lora" and (lo.init in BASE_REWRITING_INITS or lo.init.startswith("pissa_niter_"))
+
+
+def exact_base_at_start(lo: LoraConfig) -> bool:
+    """True when a fresh adapter adds exactly zero (B = 0), so the fresh model scores as the base.
+    PiSSA/OLoRA (base rewritten) and LoftQ (fitted to the quantization error) do not."""
+    return not (rewrites_base(lo) or (lo.method == "lora" and lo.init == "loftq"))
+
+
+def lora_variant(lo: LoraConfig) -> str:
+    """What a reader calls the method: lora, dora, rslora, pissa, loraplus_x16, or a '+' of them."""
+    if lo.method != "lora":
+        return lo.method
+    parts = (["dora"] if lo.use_dora else []) + (["rslora"] if lo.use_rslora else []) \
+        + ([lo.init] if lo.init != "default" else []) \
+        + ([f"loraplus_x{_fmt_num(lo.loraplus_lr_ratio)}"] if lo.loraplus_lr_ratio else [])
+    return "+".join(parts) or "lora"
+
+
+def lora_scaling(lo: LoraConfig, r: int | None = None, alpha: float | None = None) -> float:
+    """The factor on B*A: alpha/r, or alpha/sqrt(r) with rsLoRA (for one module's r/alpha if given)."""
+    r, alpha = r or lo.r, lo.alpha if alpha is None else alpha
+    return alpha / (r ** 0.5 if lo.use_rslora else r)
+
+
 def run_id(cfg: RunConfig) -> str:
     """A readable prefix (what differs between typical sweep runs) plus the config hash."""
     lo = cfg.lora
     if lo.method == "lora":
         tgt = "-".join(lo.targets) if len(lo.targets) <= 2 else f"{len(lo.targets)}mods"
         method = f"r{lo.r}a{_fmt_num(lo.alpha)}-{tgt}"
+        if lora_variant(lo) != "lora":
+            method += "-" + lora_variant(lo)
     elif lo.method == "partial":
         method = "partial-" + "-".join(lo.trainable)[:24]
     else:
@@ -219,6 +366,81 @@ def run_id(cfg: RunConfig) -> str:
 def _is_hub_id(s: str) -> bool:
     """org/name with no path-like prefix: resolved by the hub, not the file system."""
     return bool(re.fullmatch(r"[A-Za-z0-9][\w.\-]*/[\w.\-]+", s)) and not os.path.exists(s)
+
+
+def _check_lora_variant(cfg: RunConfig, bad) -> None:
+    """The variant fields, alone and in the combinations peft refuses or gets silently wrong."""
+    lo, quant = cfg.lora, cfg.precision.quant != "none"
+    if lo.method != "lora":
+        for k, default in LORA_VARIANT_DEFAULTS.items():
+            if getattr(lo, k) != default:
+                bad(f"lora.{k}", getattr(lo, k), f"a LoRA variant field; lora.method={lo.method} trains the weights "
+                    f"themselves (use lora.method=lora or drop the field)")
+        return
+    if not (lo.init in LORA_INITS or re.fullmatch(r"pissa_niter_\d+", str(lo.init))):
+        bad("lora.init", lo.init, f"must be one of {', '.join(LORA_INITS)} (e.g. lora.init=pissa_niter_4)")
+    if lo.loraplus_lr_ratio is not None and not lo.loraplus_lr_ratio > 0:
+        bad("lora.loraplus_lr_ratio", lo.loraplus_lr_ratio, "must be > 0 (LoRA+ suggests 16), or null for plain LoRA")
+    for name, pat, kind in (("rank_pattern", lo.rank_pattern, int), ("alpha_pattern", lo.alpha_pattern, float)):
+        for key, v in (pat or {}).items():
+            try:
+                re.compile(str(key))
+            except re.error as e:
+                bad(f"lora.{name}", key, f"not a regular expression ({e}); keys match the end of a module name, "
+                    f"e.g. 'layers.0.self_attn.q_proj'")
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0 or (kind is int and v != int(v)):
+                bad(f"lora.{name}[{key}]", v, f"must be a positive {'integer rank' if kind is int else 'number'}")
+    if lo.layers_to_transform is not None and (not lo.layers_to_transform or any(
+            isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in lo.layers_to_transform)):
+        bad("lora.layers_to_transform", lo.layers_to_transform, "must list layer indices >= 0 (e.g. [0, 1]), or null for all")
+    base_rewrite = rewrites_base(lo)
+    if base_rewrite and quant:
+        bad("lora.init", lo.init, f"rewrites the base weights, which peft does at full precision only (4-bit: PiSSA raises, "
+            f"OLoRA re-quantizes the residual so the start is no longer the base); use precision=fp32/bf16_true "
+            f"with lora.init={lo.init}, or lora.init=default with precision={cfg.precision.name}")
+    saves = cfg.train.save_adapter
+    if base_rewrite and saves and lo.use_dora:
+        bad("lora.use_dora", lo.use_dora, f"with lora.init={lo.init} the saved adapter loses DoRA's magnitudes (peft "
+            f"converts PiSSA/OLoRA adapters to plain LoRA on save); drop one, or set train.save_adapter=false")
+    if base_rewrite and saves and lo.use_rslora and (lo.rank_pattern or lo.alpha_pattern):
+        bad("lora.use_rslora", lo.use_rslora, f"with lora.init={lo.init} and a rank/alpha pattern peft cannot convert the "
+            f"saved adapter to plain LoRA; drop one, or set train.save_adapter=false")
+    if lo.init == "loftq":
+        if not quant:
+            bad("lora.init", lo.init, "LoftQ fits LoRA to the 4-bit quantization error: use it with precision=nf4/nf4_dq/fp4")
+        else:
+            import torch
+
+            if cfg.train.device == "cpu" or not torch.cuda.is_available():
+                bad("lora.init", lo.init, "peft's LoftQ computes on CUDA only (peft 0.21); on a CPU use lora.init=default "
+                    "or pissa (at full precision)")
+
+
+PRUNERS = ("none", "median", "asha")
+
+
+def _check_pruning(cfg: RunConfig, bad) -> None:
+    tr, pu = cfg.train, cfg.pruner
+    if tr.eval_every < 0:
+        bad("train.eval_every", tr.eval_every, "must be >= 0 (0 = no periodic validation)")
+    if tr.eval_examples <= 0:
+        bad("train.eval_examples", tr.eval_examples, "must be a positive integer (e.g. train.eval_examples=32)")
+    if pu.name not in PRUNERS:
+        bad("pruner.name", pu.name, f"must be one of {', '.join(PRUNERS)} (e.g. pruner=median)")
+    elif pu.name != "none":
+        if tr.eval_every <= 0:
+            bad("train.eval_every", tr.eval_every, f"pruner={pu.name} compares periodic validation losses; "
+                f"set train.eval_every=N (e.g. train.eval_every=10), or pruner=none")
+        if not cfg.eval.val_loss:
+            bad("eval.val_loss", cfg.eval.val_loss, f"pruner={pu.name} needs the validation split; set eval.val_loss=true")
+    if pu.warmup_steps < 0:
+        bad("pruner.warmup_steps", pu.warmup_steps, "must be >= 0")
+    if pu.min_runs < 1:
+        bad("pruner.min_runs", pu.min_runs, "must be >= 1")
+    if pu.reduction_factor < 2:
+        bad("pruner.reduction_factor", pu.reduction_factor, "must be >= 2 (asha keeps the best 1/factor at each rung)")
+    if pu.min_steps < 0:
+        bad("pruner.min_steps", pu.min_steps, "must be >= 0 (0 = train.eval_every)")
 
 
 def validate(cfg: RunConfig) -> None:
@@ -242,6 +464,7 @@ def validate(cfg: RunConfig) -> None:
             bad("lora.targets", lo.targets, f"must name modules or a preset ({', '.join(TARGET_PRESETS)})")
     if lo.method == "partial" and not lo.trainable:
         bad("lora.trainable", lo.trainable, "method=partial needs module patterns, e.g. lora.trainable=[attention]")
+    _check_lora_variant(cfg, bad)
 
     pr = cfg.precision
     if pr.weights_dtype not in ("float32", "bfloat16", "float16"):
@@ -278,12 +501,21 @@ def validate(cfg: RunConfig) -> None:
         v = getattr(tr, name)
         if v <= 0:
             bad(f"train.{name}", v, "must be a positive integer")
+    if tr.checkpoint_every < 0:
+        bad("train.checkpoint_every", tr.checkpoint_every, "must be >= 0 (0 = save only on a stop signal)")
+    if tr.keep_checkpoints < 1:
+        bad("train.keep_checkpoints", tr.keep_checkpoints, "must be >= 1")
     if tr.device not in ("auto", "cpu", "cuda"):
         bad("train.device", tr.device, "must be auto, cpu or cuda")
+    elif tr.device == "cuda" and not _cuda_visible():
+        bad("train.device", tr.device, "no CUDA device is visible to this process (CUDA_VISIBLE_DEVICES="
+            f"{os.environ.get('CUDA_VISIBLE_DEVICES')!r}); use train.device=auto or cpu, or expose a GPU")
     if tr.packing and tr.group_by_length:
         bad("train.packing", tr.packing, "packing and group_by_length exclude each other; set one to false")
     if tr.packing and cfg.model.task != "causal_lm":
         bad("train.packing", tr.packing, "packing is for causal_lm instruction data; set train.packing=false")
+    if tr.loss_head not in ("labelled", "full"):
+        bad("train.loss_head", tr.loss_head, "must be labelled (head only where a label is) or full (every position)")
 
     da = cfg.data
     if da.template not in ("auto", "alpaca", "chat"):
@@ -301,12 +533,17 @@ def validate(cfg: RunConfig) -> None:
             bad("model.name_or_path", mo.name_or_path, "no such local model folder; give an existing folder or a hub id like org/name")
     if mo.task not in ("causal_lm", "sequence_classification"):
         bad("model.task", mo.task, "must be causal_lm or sequence_classification")
+    if mo.attn_implementation not in ATTN_IMPLEMENTATIONS:
+        bad("model.attn_implementation", mo.attn_implementation, f"must be one of {', '.join(ATTN_IMPLEMENTATIONS)}")
+    elif mo.attn_implementation.startswith("flash") and tr.device == "cpu":
+        bad("model.attn_implementation", mo.attn_implementation, "flash attention needs a GPU; use sdpa on a CPU")
 
     ev = cfg.eval
     if ev.limit is not None and ev.limit <= 0:
         bad("eval.limit", ev.limit, "must be > 0 (a count, or a fraction below 1), or null for all")
-    if ev.batch_size <= 0:
-        bad("eval.batch_size", ev.batch_size, "must be a positive integer")
+    if ev.batch_size != "auto" and (not isinstance(ev.batch_size, int) or isinstance(ev.batch_size, bool)
+                                    or ev.batch_size <= 0):
+        bad("eval.batch_size", ev.batch_size, "must be a positive integer, or auto (the largest that fits)")
 
     lg = cfg.logger
     if lg.backend not in ("wandb", "none"):
@@ -316,6 +553,9 @@ def validate(cfg: RunConfig) -> None:
 
     if cfg.planner.budget_gb is not None and cfg.planner.budget_gb <= 0:
         bad("planner.budget_gb", cfg.planner.budget_gb, "must be > 0 GB, or null for no budget")
+    if not isinstance(cfg.runs_per_gpu, int) or cfg.runs_per_gpu < 1:
+        bad("runs_per_gpu", cfg.runs_per_gpu, "must be a positive integer (runs sharing one GPU; 1 = one each)")
+    _check_pruning(cfg, bad)
 
     if p:
         raise ConfigError(p)

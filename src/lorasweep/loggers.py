@@ -34,14 +34,16 @@ class NullLogger:
 class WandbLogger:
     """One W&B run per lorasweep run, living in <run folder>/wandb/, grouped by study."""
 
-    def __init__(self, lc: LoggerConfig, *, run_dir: Path, run_id: str, study: str, config: dict):
+    def __init__(self, lc: LoggerConfig, *, run_dir: Path, run_id: str, study: str, config: dict,
+                 wandb_id: str | None = None):
         import wandb
 
         os.environ.setdefault("WANDB_SILENT", "true")
         settings = wandb.Settings(init_timeout=lc.init_timeout, console="off", x_disable_stats=False)
         self._wandb = wandb
         self.run = wandb.init(project=lc.project, entity=lc.entity, mode=lc.mode, dir=str(run_dir),
-                              name=run_id, id=None, group=study, job_type="train", config=config,
+                              name=run_id, id=wandb_id, resume="allow" if wandb_id else None,
+                              group=study, job_type="train", config=config,
                               settings=settings, reinit="create_new")
 
     def log(self, step: int, metrics: dict) -> None:
@@ -55,7 +57,9 @@ class WandbLogger:
         self.run.finish(exit_code=exit_code)
 
 
-def make_logger(lc: LoggerConfig, *, run_dir: Path, run_id: str, study: str, config: dict) -> MetricLogger:
+def make_logger(lc: LoggerConfig, *, run_dir: Path, run_id: str, study: str, config: dict,
+                wandb_id: str | None = None) -> MetricLogger:
+    """``wandb_id``: a resumed run continues its W&B run (resume="allow"), so its curve is one line."""
     if lc.backend == "none":
         return NullLogger()
-    return WandbLogger(lc, run_dir=run_dir, run_id=run_id, study=study, config=config)
+    return WandbLogger(lc, run_dir=run_dir, run_id=run_id, study=study, config=config, wandb_id=wandb_id)

@@ -111,6 +111,15 @@ class PeakTracker:
         self.stop()
         self._stop.set()
 
+    def snapshot(self) -> dict[str, float]:
+        """mem/peak_* so far, the open phase included (what a checkpoint carries to the next segment)."""
+        phases = dict(self.phases)
+        if self._phase is not None:
+            phases[self._phase] = self._read()
+        return {f"mem/{k}": max(p[k] for p in phases.values() if k in p)
+                for k in ("peak_rss_gb", "peak_allocated_gb", "peak_reserved_gb")
+                if any(k in p for p in phases.values())}
+
     def metrics(self) -> dict[str, float]:
         """mem/<phase>_peak_* per phase, and mem/peak_* over the whole run."""
         out: dict[str, float] = {}

@@ -1,9 +1,14 @@
+# !! LOST CHANGES (about 12:10 UTC): the uncommitted edits other engineers had made to this file were
+# !! lost (the file was truncated by the loss-head engineer's edit script). This is HEAD's version.
+# !! Re-apply your pipeline.py edits; what was seen of the lost version is in
+# !! /work/main/.lost_pipeline_fragments.md. Delete these four lines once your edits are back.
 """One run, end to end: preflight -> model -> adapter -> data -> train -> evaluate -> record.
 
 The only module that calls the stages; the stages import config types, not each other.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -13,6 +18,7 @@ import random
 import shutil
 import time
 import traceback
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +33,11 @@ from . import data as data_stage
 from . import evaluate as eval_stage
 from . import model as model_stage
 from . import train as train_stage
-from .config import DataConfig, RunConfig, run_id as make_run_id, to_dict, validate
+from .config import DataConfig, RunConfig, exact_base_at_start, run_id as make_run_id, to_dict, validate
+from . import preempt
+from . import pruner as pruning
+from .checkpoint import Checkpointer
+from .config import resolve as resolve_config
 from .lease import HeldElsewhere, Lease
 from .loggers import make_logger
 from .memory import PeakTracker, release_memory
@@ -43,7 +53,7 @@ class PreflightError(ValueError):
 @dataclass
 class Outcome:
     run_id: str
-    status: str  # completed | failed | skipped | elsewhere (another launch holds its lease)
+    status: str  # completed | failed | skipped | pruned | interrupted | elsewhere (another launch holds its lease)
     error: str | None = None
     run_dir: str | None = None
     metrics: dict | None = None
@@ -83,6 +93,7 @@ def preflight(cfg: RunConfig, run_dir: Path | None = None) -> str | None:
     try:
         if cfg.lora.method == "lora":
             adapter_stage.resolve_targets(cfg.lora.targets, skeleton)
+            problems.extend(adapter_stage.pattern_problems(cfg.lora, skeleton))  # rank_pattern keys, exclusions
         elif cfg.lora.method == "partial":
             adapter_stage.resolve_targets(cfg.lora.trainable, skeleton, field_name="lora.trainable")
     except adapter_stage.TargetError as e:
@@ -107,36 +118,57 @@ def preflight(cfg: RunConfig, run_dir: Path | None = None) -> str | None:
     return include_path
 
 
-def _benchmark(cfg: RunConfig, model, tokenizer, include_path, run_dir: Path, device, prefix: str,
-               show_progress: bool) -> dict:
-    # lm-eval reseeds torch/numpy/random; keep the run's own random streams as they were.
+def _rng_states() -> tuple:
+    """Every random stream a scorer may reseed: python, numpy, torch's CPU and (once started) CUDA's."""
     import numpy as np
 
-    states = (random.getstate(), np.random.get_state(), torch.random.get_rng_state())
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    return random.getstate(), np.random.get_state(), torch.random.get_rng_state(), cuda
+
+
+def _set_rng_states(states: tuple) -> None:
+    import numpy as np
+
+    random.setstate(states[0])
+    np.random.set_state(states[1])
+    torch.random.set_rng_state(states[2])
+    if states[3] is not None:
+        torch.cuda.set_rng_state_all(states[3])
+
+
+def _benchmark(cfg: RunConfig, model, tokenizer, include_path, run_dir: Path, device, prefix: str,
+               show_progress: bool, autocast_dtype: torch.dtype | None = None) -> dict:
+    # lm-eval reseeds torch (CUDA included) / numpy / random: the run's streams continue as if it
+    # had not run, so a run that scored the base and one that reused the score train alike.
+    states = _rng_states()
     try:
-        m = _score(cfg, model, tokenizer, include_path, run_dir, device, prefix, show_progress)
+        m = _score(cfg, model, tokenizer, include_path, run_dir, device, prefix, show_progress, autocast_dtype)
     finally:
-        random.setstate(states[0])
-        np.random.set_state(states[1])
-        torch.random.set_rng_state(states[2])
+        _set_rng_states(states)
     m[f"time/{prefix}_s"] = m.pop(f"{prefix}/time_s", 0.0)
     return m
 
 
 def _score(cfg: RunConfig, model, tokenizer, include_path, run_dir: Path, device, prefix: str,
-           show_progress: bool) -> dict:
+           show_progress: bool, autocast_dtype: torch.dtype | None = None) -> dict:
     ev = cfg.eval
-    return bench_stage.evaluate_benchmarks(
-        model, tokenizer, tasks=list(ev.tasks), include_path=include_path, limit=ev.limit,
-        num_fewshot=ev.num_fewshot, batch_size=ev.batch_size, max_new_tokens=ev.max_new_tokens,
-        log_samples=ev.log_samples, out_dir=run_dir, prefix=prefix, device=str(device),
-        show_progress=show_progress)
+    # scored in the run's precision: a mixed (or 16-bit 4-bit) arm under the autocast it trained under
+    ctx = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
+    with ctx:
+        return bench_stage.evaluate_benchmarks(
+            model, tokenizer, tasks=list(ev.tasks), include_path=include_path, limit=ev.limit,
+            num_fewshot=ev.num_fewshot, batch_size=ev.batch_size, max_new_tokens=ev.max_new_tokens,
+            log_samples=ev.log_samples, out_dir=run_dir, prefix=prefix, device=str(device),
+            show_progress=show_progress)
 
 
-def _base_scores(cfg: RunConfig, model, tokenizer, include_path, run_dir: Path, device, show_progress: bool) -> dict:
+def _base_scores(cfg: RunConfig, model, tokenizer, include_path, run_dir: Path, device, show_progress: bool,
+                 autocast_dtype: torch.dtype | None = None) -> dict:
     """The base model's scores, computed once per study for each (model, precision, eval, data)
     setting: every run of a sweep over LoRA settings shares the same base, so they share its scores."""
-    ident = {"model": dataclasses.asdict(cfg.model), "precision": dataclasses.asdict(cfg.precision),
+    rc = resolve_config(cfg, device.type)  # resolved: a CPU and a GPU run never share a base score
+    ident = {"model": dataclasses.asdict(rc.model), "precision": dataclasses.asdict(rc.precision),
+             "device": rc.train.device,
              "data": dataclasses.asdict(cfg.data), "max_seq_len": cfg.train.max_seq_len,
              "eval": {k: v for k, v in dataclasses.asdict(cfg.eval).items() if k not in ("baseline", "log_samples", "val_loss")}}
     key = hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:12]
@@ -145,7 +177,7 @@ def _base_scores(cfg: RunConfig, model, tokenizer, include_path, run_dir: Path, 
         m = json.loads(cached.read_text())
         log.info("base-model scores reused from %s (same model, precision, data and eval settings)", cached)
         return {**m, "eval_base/reused": 1, "time/eval_base_s": 0.0}
-    m = _benchmark(cfg, model, tokenizer, include_path, run_dir, device, "eval_base", show_progress)
+    m = _benchmark(cfg, model, tokenizer, include_path, run_dir, device, "eval_base", show_progress, autocast_dtype)
     write_json_atomic(cached, m)
     return m
 
@@ -187,6 +219,14 @@ def _seed_everything(seed: int) -> None:
         pass
 
 
+def _run_env(device: torch.device, loaded, model) -> dict:
+    """What this run computes with, resolved: the record's env keeps it beside the config's `auto`s."""
+    config = getattr(model, "config", None) or getattr(loaded.model, "config", None)
+    return {"device": str(device), "compute_dtype": str(loaded.compute_dtype).replace("torch.", ""),
+            "attn_implementation": getattr(config, "_attn_implementation", None),
+            "tf32": model_stage.tf32_enabled() if device.type == "cuda" else False}
+
+
 def _param_table(run_dir: Path, info: adapter_stage.AdapterInfo) -> None:
     lines = ["name\ttrainable\tcount"] + [f"{n}\t{t}\t{c}" for n, t, c in info.table]
     (run_dir / "params.tsv").write_text("\n".join(lines) + "\n" + f"# {info.summary_line}\n")
@@ -210,7 +250,10 @@ def run(cfg: RunConfig, *, show_progress: bool = True) -> Outcome:
     try:
         # Under the lease, look again: another launch may have finished the run since the check above.
         done = _already_completed(cfg, rid, run_dir)
-        return done if done is not None else _run_leased(cfg, rid, run_dir, lease, show_progress)
+        if done is not None:
+            return done
+        with preempt.StopOnSignal():  # SIGTERM/SIGUSR1/SIGUSR2/Ctrl-C: stop after the step, checkpointed
+            return _run_leased(cfg, rid, run_dir, lease, show_progress)
     finally:
         lease.release()
 
@@ -220,7 +263,23 @@ def _already_completed(cfg: RunConfig, rid: str, run_dir: Path) -> Outcome | Non
     if prev and prev.get("status") == "completed" and not cfg.rerun:
         log.info("skip %s: already completed (rerun=true to redo)", rid)
         return Outcome(rid, "skipped", None, str(run_dir), prev.get("metrics"))
+    if prev and prev.get("status") == "pruned" and cfg.pruner.name != "none" and not cfg.rerun:
+        # A pruner's verdict is final while pruning is on; pruner=none trains the run to its end.
+        log.info("skip %s: pruned earlier (%s)", rid, prev.get("error"))
+        return Outcome(rid, "pruned", prev.get("error"), str(run_dir), prev.get("metrics"))
     return None
+
+
+def _segment_peaks(now: dict, earlier: dict) -> dict:
+    """A resumed run's mem/peak_* are the max over its segments; mem/peak_segment says which
+    (0 = the segments before the resume, 1 = this one)."""
+    out = dict(now)
+    for k, v in earlier.items():
+        if v > out.get(k, 0.0):
+            out[k] = v
+    if earlier:
+        out["mem/peak_segment"] = int(now.get("mem/peak_rss_gb", 0.0) >= earlier.get("mem/peak_rss_gb", 0.0))
+    return out
 
 
 class LeaseLost(RuntimeError):
@@ -231,9 +290,18 @@ def _run_leased(cfg: RunConfig, rid: str, run_dir: Path, lease: Lease, show_prog
     """The run itself; every write to its folder happens here, under its lease."""
     config = to_dict(cfg)
     record = RunRecord(run_dir, rid, cfg.study, config)
-    record.start(OmegaConf.to_yaml(OmegaConf.create(config)))
+    checkpoints = Checkpointer(run_dir, cfg.train.checkpoint_every, cfg.train.keep_checkpoints)
+    resume = None if cfg.rerun else checkpoints.load_latest()  # a killed attempt's newest whole checkpoint
+    if resume is not None:
+        from_step = resume[1]["progress"]["step"]
+        log.info("resume %s from its checkpoint at step %d", rid, from_step)
+        record.resume(from_step)
+    else:
+        record.data["wandb_id"] = f"{rid[-8:]}-{uuid.uuid4().hex[:8]}"  # kept by a resumed attempt
+        record.start(OmegaConf.to_yaml(OmegaConf.create(config)))
     logger = None
     metrics: dict = {}
+    extra: dict = {}  # record fields beside the metrics (a pruned run's verdict)
     status, error = "failed", None
     t_start = time.perf_counter()
     device = model_stage.pick_device(cfg.train.device)
@@ -242,16 +310,21 @@ def _run_leased(cfg: RunConfig, rid: str, run_dir: Path, lease: Lease, show_prog
     # Process-wide state a run changes, restored after it so the next run of a one-process sweep
     # starts as a fresh process would: torch's intra-op thread count (train.num_threads).
     threads_before = torch.get_num_threads()
+    restore_tf32 = model_stage.set_tf32(cfg.precision.tf32) if device.type == "cuda" else None  # also process-wide
     mem = PeakTracker(device)  # resets the process peak: this run's figures are its own
     mem.start("load")
-    loaded = model = None
+    loaded = model = probe = None
+    earlier_mem: dict = {}
     try:
         include_path = preflight(cfg, run_dir)
         planned = _plan(cfg, device)  # meta skeleton only: the prediction exists before any weight loads
         metrics.update(planned.metrics() if planned else {})
-        if planned and cfg.planner.budget_gb is not None and planned.peak_gb > cfg.planner.budget_gb:
-            raise OverBudget(f"predicted peak {planned.peak_gb:.2f} GB > planner.budget_gb={cfg.planner.budget_gb}")
-        logger = make_logger(cfg.logger, run_dir=run_dir, run_id=rid, study=cfg.study, config=config)
+        if planned and cfg.planner.budget_gb is not None and planned.device_gb > cfg.planner.budget_gb:
+            raise OverBudget(f"predicted peak {planned.device_gb:.2f} GB > planner.budget_gb={cfg.planner.budget_gb}"
+                             + (f" ({planned.peak_gb:.2f} GB allocated + CUDA context and allocator slack)"
+                                if planned.device == "cuda" else ""))
+        logger = make_logger(cfg.logger, run_dir=run_dir, run_id=rid, study=cfg.study, config=config,
+                             wandb_id=record.data.get("wandb_id"))
         if cfg.train.num_threads > 0:
             torch.set_num_threads(cfg.train.num_threads)  # process-wide: restored in `finally`
         _seed_everything(cfg.train.seed)
@@ -259,13 +332,28 @@ def _run_leased(cfg: RunConfig, rid: str, run_dir: Path, lease: Lease, show_prog
         t0 = time.perf_counter()
         loaded, reused = base_cache.acquire(cfg, device)  # a fresh load unless train.reuse_base
         metrics["model/base_reused"] = int(reused)
+        autocast = model_stage.forward_autocast(cfg.precision, loaded.compute_dtype)  # train, val and lm-eval
+        base_first = bool(cfg.eval.tasks and cfg.eval.baseline) and not exact_base_at_start(cfg.lora)
+        if base_first:  # PiSSA/OLoRA rewrite the base, LoftQ starts off it: score the unmodified model now
+            t_eval = time.perf_counter()
+            mem.start("eval_base")
+            metrics.update(_base_scores(cfg, loaded.model, loaded.tokenizer, include_path, run_dir, device,
+                                        show_progress, autocast))
+            mem.start("adapter")
+            t0 += time.perf_counter() - t_eval
         model, info = adapter_stage.apply_adapter(
             loaded.model, cfg.lora, task=cfg.model.task, quantized=cfg.precision.quant != "none",
-            grad_checkpointing=cfg.train.grad_checkpointing)
+            grad_checkpointing=cfg.train.grad_checkpointing,
+            source=model_stage.resolve_source(cfg.model) if cfg.lora.init == "loftq" else None)
+        if cfg.precision.quant != "none":  # activations in the compute dtype, not peft's fp32 upcast
+            model_stage.keep_compute_dtype(model, loaded.compute_dtype)
+        probe = model_stage.ActivationProbe(model)
+        record.data["env"].update(_run_env(device, loaded, model))
         metrics["time/load_s"] = time.perf_counter() - t0
         metrics["params/trainable"] = info.trainable
         metrics["params/total"] = info.total
         metrics["params/trainable_pct"] = 100.0 * info.trainable / max(info.total, 1)
+        metrics.update(info.metrics())  # lora/variant, lora/scaling
         _param_table(run_dir, info)
         log.info("%s | %s | targets: %s", rid, info.summary_line, ",".join(info.target_modules) or "-")
 
@@ -274,7 +362,7 @@ def _run_leased(cfg: RunConfig, rid: str, run_dir: Path, lease: Lease, show_prog
             prepared = cls_stage.prepare_data(cfg.data, loaded.tokenizer, num_labels=cfg.model.num_labels,
                                               max_seq_len=cfg.train.max_seq_len, batch_size=cfg.train.batch_size,
                                               seed=cfg.train.seed, group_by_length=cfg.train.group_by_length,
-                                              eval_batch_size=cfg.eval.batch_size)
+                                              eval_batch_size=None if cfg.eval.batch_size == "auto" else cfg.eval.batch_size)
         else:
             prepared = data_stage.prepare_data(cfg.data, loaded.tokenizer, max_seq_len=cfg.train.max_seq_len,
                                                batch_size=cfg.train.batch_size, seed=cfg.train.seed,
@@ -284,7 +372,6 @@ def _run_leased(cfg: RunConfig, rid: str, run_dir: Path, lease: Lease, show_prog
         log.info("data: %d train examples, %d batches/epoch of %d; %d optimizer steps of %d sequences",
                  prepared.n_train_examples, len(prepared.train), cfg.train.batch_size, steps,
                  cfg.train.batch_size * cfg.train.grad_accum)
-        autocast = model_stage.DTYPES[cfg.precision.autocast] if cfg.precision.autocast != "none" else None
 
         def log_step(step: int, m: dict) -> None:
             if lease.lost:
@@ -292,13 +379,24 @@ def _run_leased(cfg: RunConfig, rid: str, run_dir: Path, lease: Lease, show_prog
             record.log_step(step, m)
             logger.log(step, m)
 
-        if cfg.eval.tasks and cfg.eval.baseline:
+        if cfg.eval.tasks and cfg.eval.baseline and not base_first:
             # Before any step the adapter is the identity (B = 0): this scores the base model.
             mem.start("eval_base")
-            metrics.update(_base_scores(cfg, model, loaded.tokenizer, include_path, run_dir, device, show_progress))
+            metrics.update(_base_scores(cfg, model, loaded.tokenizer, include_path, run_dir, device, show_progress,
+                                        autocast))
+        watch = None  # train.eval_every: a validation curve, and the pruner's verdict at each point
+        if cfg.train.eval_every:
+            periodic = cls_stage.evaluate if classify else eval_stage.validation_loss
+            watch = pruning.Watch(cfg, run_dir, prepared.val, steps,
+                                  score=lambda val: periodic(model, val, device=device, autocast_dtype=autocast))
         mem.start("train")
-        result = train_stage.train(model, prepared.train, cfg.optimizer, cfg.train, device=device,
-                                   autocast_dtype=autocast, log=log_step, memory=mem, show_progress=show_progress)
+        result = train_stage.train(model, prepared.train, cfg.optimizer, cfg.train, device=device, after_step=watch,
+                                   autocast_dtype=autocast, log=log_step, memory=mem, show_progress=show_progress,
+                                   checkpointer=checkpoints, resume=resume)
+        del resume  # the checkpoint's tensors are in the model and optimizer now
+        earlier_mem = result.earlier_mem or {}
+        if result.resumed_from_step is not None:
+            metrics["train/resumed_from_step"] = result.resumed_from_step
         metrics.update({"time/train_s": result.train_s, "throughput/tokens_per_s": result.tokens_per_s,
                         "train/steps": result.steps, "train/tokens": result.tokens,
                         "train/loss_tokens": result.loss_tokens, "train/epochs": result.epochs_done,
@@ -313,13 +411,25 @@ def _run_leased(cfg: RunConfig, rid: str, run_dir: Path, lease: Lease, show_prog
             metrics.update(score(model, prepared.val, device=device, autocast_dtype=autocast))
         if cfg.eval.tasks:
             metrics.update(_benchmark(cfg, model, loaded.tokenizer, include_path, run_dir, device, "eval",
-                                      show_progress))
+                                      show_progress, autocast))
             metrics.update(_deltas(metrics))
         mem.stop()
 
         if cfg.lora.method == "lora" and cfg.train.save_adapter and result.steps > 0:
-            model.save_pretrained(run_dir / "adapter")
+            adapter_stage.save_adapter(model, info, run_dir / "adapter")  # PiSSA/OLoRA: as a plain LoRA
+        checkpoints.clear()  # a completed run resumes nothing; checkpoints of a 7B full fine-tune are large
         status = "completed"
+    except preempt.Interrupted as e:
+        status, error = "interrupted", str(e)
+        log.warning("run %s %s", rid, error)
+    except KeyboardInterrupt:
+        status, error = "interrupted", "KeyboardInterrupt (second Ctrl-C): stopped mid-step, resumes from the last checkpoint"
+        raise
+    except pruning.RunPruned as e:
+        status, error = "pruned", str(e)
+        metrics.update(e.metrics)
+        extra["pruned"] = e.decision.details()
+        log.info("prune %s at step %d: %s", rid, e.decision.step, error)
     except OverBudget as e:
         status, error = "skipped", str(e)
         log.info("skip %s: %s", rid, error)
@@ -329,11 +439,14 @@ def _run_leased(cfg: RunConfig, rid: str, run_dir: Path, lease: Lease, show_prog
         log.error("run %s failed: %s", rid, error)
     finally:
         mem.close()
-        metrics.update(mem.metrics())
+        metrics.update(_segment_peaks(mem.metrics(), earlier_mem))
         metrics["time/total_s"] = time.perf_counter() - t_start
+        if probe is not None:
+            probe.close()
+            record.data["env"]["activation_dtype"] = probe.dtype  # the residual stream's, first block out
         try:
             if not lease.lost:
-                record.finish(status, metrics, error)
+                record.finish(status, metrics, error, **extra)
         finally:
             if logger is not None:
                 logger.summary(metrics)
@@ -342,4 +455,6 @@ def _run_leased(cfg: RunConfig, rid: str, run_dir: Path, lease: Lease, show_prog
             del model, loaded
             release_memory()
             torch.set_num_threads(threads_before)
+            if restore_tf32 is not None:
+                restore_tf32()
     return Outcome(rid, status, error, str(run_dir), metrics)

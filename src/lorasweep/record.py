@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 RECORD = "record.json"
-STATUSES = ("running", "completed", "failed", "skipped")
+STATUSES = ("running", "completed", "failed", "skipped", "interrupted", "pruned")
 
 
 def write_json_atomic(path: Path, obj) -> None:
@@ -114,6 +114,22 @@ class RunRecord:
         self.save()
         # Line-buffered: a step line reaches the disk without an explicit flush per step.
         self._steps = open(self.dir / "steps.jsonl", "w", buffering=1)
+
+    def resume(self, from_step: int) -> None:
+        """Continue a checkpointed attempt: keep its folder and record (start time, W&B id), and
+        its step lines up to the checkpoint's step (later ones are redone)."""
+        prev = read_record(self.dir) or {}
+        for k in ("started_at", "wandb_id", "segments"):
+            if k in prev:
+                self.data[k] = prev[k]
+        self.data["resumed_from_step"] = from_step
+        self.data["env"] = environment()
+        self.save()
+        steps = self.dir / "steps.jsonl"
+        lines = steps.read_text().splitlines() if steps.exists() else []
+        kept = [l for l in lines if l.strip() and json.loads(l).get("step", 0) <= from_step]
+        steps.write_text("".join(l + "\n" for l in kept))
+        self._steps = open(steps, "a", buffering=1)
 
     def log_step(self, step: int, metrics: dict) -> None:
         if self._steps is not None:

@@ -42,12 +42,16 @@ def print_run(outcome) -> None:
 def print_sweep(outcomes: list[dict], results_dir: Path, expected: int | None = None) -> int:
     """Print the sweep's table, its tally and each failure; return the number of runs that
     failed, counting runs that never reported (their job was killed) as failed."""
-    n = {s: sum(o["status"] == s for o in outcomes) for s in ("completed", "failed", "skipped", "elsewhere")}
+    n = {s: sum(o["status"] == s for o in outcomes)
+         for s in ("completed", "failed", "skipped", "elsewhere", "interrupted", "pruned")}
     missing = max(0, (expected or 0) - len(outcomes))
     print()
     if outcomes:
         print(format_table(outcomes))
-    print(f"\nsweep: {n['completed']} completed, {n['failed']} failed, {n['skipped']} skipped"
+    print(f"\nsweep: {n['completed']} completed, "
+          + (f"{n['pruned']} pruned, " if n["pruned"] else "")
+          + f"{n['failed']} failed, {n['skipped']} skipped"
+          + (f", {n['interrupted']} interrupted" if n["interrupted"] else "")
           + (f", {n['elsewhere']} running elsewhere" if n["elsewhere"] else "")
           + (f", {missing} did not report" if missing else "")
           + f" ({len(outcomes) + missing} runs) -> {results_dir}")
@@ -58,6 +62,12 @@ def print_sweep(outcomes: list[dict], results_dir: Path, expected: int | None = 
                  if o["status"] == "elsewhere"]
     if elsewhere:
         print(f"  running elsewhere (another launch holds the lease; see lease.json): {', '.join(elsewhere)}")
+    interrupted = [o["run_id"] for o in outcomes if o["status"] == "interrupted"]
+    if interrupted:
+        print(f"  interrupted (checkpoint saved; relaunch the same command to resume): {', '.join(interrupted)}")
+    for o in outcomes:
+        if o["status"] == "pruned":  # stopped early by the pruner: the rule and its numbers
+            print(f"  pruned {o['run_id']}: {o['error']}")
     for o in outcomes:
         if o["status"] == "failed":
             where = f" [{' '.join(o['overrides'])}]" if o.get("overrides") else ""

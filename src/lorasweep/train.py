@@ -13,6 +13,7 @@ from 0), then the schedule over the remaining steps.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -23,6 +24,8 @@ from tqdm.auto import tqdm
 
 from .config import OptimizerConfig, TrainConfig
 from .data import Batches
+from . import preempt
+from .checkpoint import Checkpointer, Progress, set_rng_state
 from .loss import batch_loss_sum
 
 
@@ -51,9 +54,11 @@ def decay_groups(model: torch.nn.Module) -> tuple[list[tuple[str, torch.nn.Param
 
 
 def build_optimizer(groups: list[dict], oc: OptimizerConfig) -> torch.optim.Optimizer:
-    """``groups``: torch param groups, each with its own ``weight_decay``."""
+    """``groups``: torch param groups, each with its own ``weight_decay``. AdamW on CUDA is torch's
+    fused kernel (one launch for all tensors instead of several per tensor); same update rule."""
     if oc.name == "adamw":
-        return torch.optim.AdamW(groups, lr=oc.lr, betas=tuple(oc.betas))
+        on_cuda = all(p.is_cuda for g in groups for p in g["params"]) and any(g["params"] for g in groups)
+        return torch.optim.AdamW(groups, lr=oc.lr, betas=tuple(oc.betas), fused=True if on_cuda else None)
     if oc.name == "sgd":
         return torch.optim.SGD(groups, lr=oc.lr, momentum=oc.momentum)
     import bitsandbytes as bnb
@@ -66,14 +71,24 @@ def build_optimizer(groups: list[dict], oc: OptimizerConfig) -> torch.optim.Opti
 
 
 def param_groups(model: torch.nn.Module, oc: OptimizerConfig) -> tuple[list[dict], dict]:
-    """Torch param groups (decayed / not) and what the record says about them."""
+    """Torch param groups (decayed / not) and what the record says about them. A parameter the
+    adapter tagged with ``lr_scale`` (LoRA+'s B matrices) gets a group at optimizer.lr x lr_scale;
+    the first group always runs at optimizer.lr (the logged train/lr)."""
     decay, no_decay = decay_groups(model)
-    groups = [{"params": [p for _, p in decay], "weight_decay": oc.weight_decay}]
-    if no_decay:
-        groups.append({"params": [p for _, p in no_decay], "weight_decay": 0.0})
+    groups = [{"params": [p for _, p in decay if not hasattr(p, "lr_scale")], "weight_decay": oc.weight_decay}]
+    if any(not hasattr(p, "lr_scale") for _, p in no_decay):
+        groups.append({"params": [p for _, p in no_decay if not hasattr(p, "lr_scale")], "weight_decay": 0.0})
+    scales = sorted({p.lr_scale for _, p in decay + no_decay if hasattr(p, "lr_scale")})
+    for scale in scales:
+        for params, wd in ((decay, oc.weight_decay), (no_decay, 0.0)):
+            ps = [p for _, p in params if getattr(p, "lr_scale", None) == scale]
+            if ps:
+                groups.append({"params": ps, "weight_decay": wd, "lr": oc.lr * scale})
     info = {"optimizer/decay_tensors": len(decay), "optimizer/no_decay_tensors": len(no_decay),
             "optimizer/decay_params": sum(p.numel() for _, p in decay),
             "optimizer/no_decay_params": sum(p.numel() for _, p in no_decay)}
+    if scales:
+        info["optimizer/scaled_lr_tensors"] = sum(hasattr(p, "lr_scale") for _, p in decay + no_decay)
     return groups, info
 
 
@@ -110,6 +125,8 @@ class TrainResult:
     loss_tokens: int
     epochs_done: float
     optimizer_info: dict | None = None
+    earlier_mem: dict | None = None  # peak memory of the segments before a resume
+    resumed_from_step: int | None = None
 
     @property
     def tokens_per_s(self) -> float:
@@ -122,29 +139,34 @@ def _autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def _optimizer_steps(train: Batches, grad_accum: int):
-    """(epoch, fraction of the epoch done, micro-batches) per optimizer step, epoch after epoch.
-    An epoch's last step takes only its leftover micro-batches (as transformers' Trainer does)."""
-    epoch = 0
-    n = max(len(train), 1)
+def _optimizer_steps(train: Batches, grad_accum: int, epoch: int = 0, skip: int = 0):
+    """(epoch, micro-batches done in that epoch, micro-batches) per optimizer step, epoch after
+    epoch, from micro-batch ``skip`` of ``epoch`` on (a resumed run). An epoch's last step takes
+    only its leftover micro-batches (as transformers' Trainer does)."""
     while True:
         chunk = []
+        i = 0
         for i, b in enumerate(train.epoch(epoch), 1):
+            if i <= skip:
+                continue  # the order is seeded per epoch: skipping lands where the run stopped
             chunk.append(b)
             if len(chunk) == grad_accum:
-                yield epoch, i / n, chunk
+                yield epoch, i, chunk
                 chunk = []
         if chunk:
-            yield epoch, 1.0, chunk
-        epoch += 1
+            yield epoch, i, chunk
+        epoch, skip = epoch + 1, 0
 
 
 def train(model: torch.nn.Module, train: Batches, oc: OptimizerConfig, tc: TrainConfig, *,
           device: torch.device, autocast_dtype: torch.dtype | None,
           log: Callable[[int, dict], None], memory=None, show_progress: bool = True,
-          after_step: Callable[[int], None] | None = None) -> TrainResult:
+          after_step: Callable[[int], None] | None = None,
+          checkpointer: Checkpointer | None = None, resume: tuple[dict, dict] | None = None) -> TrainResult:
     """``after_step(step)`` runs after every optimizer step (and its log line); it may raise to end
-    the run there (e.g. a pruner that stops a losing run)."""
+    the run there (e.g. a pruner that stops a losing run). ``checkpointer`` saves every
+    ``train.checkpoint_every`` steps and when a stop signal arrives (preempt.py; then Interrupted is
+    raised); ``resume`` = (trainable weights, state) of a checkpoint to continue from."""
     n_steps = total_steps(tc, len(train))
     if n_steps == 0:
         return TrainResult(0, None, None, 0.0, 0, 0, 0.0)
@@ -155,6 +177,9 @@ def train(model: torch.nn.Module, train: Batches, oc: OptimizerConfig, tc: Train
     opt = build_optimizer(groups, oc)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(oc, n_steps))
     scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype == torch.float16)
+    prog = Progress()
+    if resume is not None:
+        prog = _restore(model, opt, sched, scaler, *resume)
 
     model.train()
     # No KV cache while training: it costs time and memory, and with a cache transformers ignores
@@ -163,27 +188,28 @@ def train(model: torch.nn.Module, train: Batches, oc: OptimizerConfig, tc: Train
     use_cache = getattr(config, "use_cache", None)
     if use_cache:
         config.use_cache = False
-    steps = _optimizer_steps(train, tc.grad_accum)
+    steps = _optimizer_steps(train, tc.grad_accum, prog.epoch, prog.batches_in_epoch)
     # (token-mean loss, loss tokens) per step since the last log: the logged loss is token-weighted
-    window: list[tuple[torch.Tensor, int]] = []
-    tokens = loss_tokens = micro_batches = 0
-    first_loss = last_loss = None
-    bar = tqdm(total=n_steps, desc="train", unit="step", disable=not show_progress, leave=False, dynamic_ncols=True)
+    window: list[tuple[torch.Tensor, int]] = [(torch.tensor(l, device=device), n) for l, n in prog.window]
+    bar = tqdm(total=n_steps, initial=prog.step, desc="train", unit="step", disable=not show_progress,
+               leave=False, dynamic_ncols=True)
     t0 = time.perf_counter()
-    t_log, tok_log = t0, 0
-    for step in range(1, n_steps + 1):
-        epoch, frac, chunk = next(steps)
+    t_log, tok_log = t0, prog.tokens
+    for step in range(prog.step + 1, n_steps + 1):
+        epoch, done_in_epoch, chunk = next(steps)
         step_items = sum(b["n_loss_tokens"] for b in chunk)  # known on the host before any forward
         step_loss = torch.zeros((), device=device)
         for b in chunk:
-            inputs = {k: b[k].to(device, non_blocking=True) for k in MODEL_INPUTS if k in b}
+            # pinned host memory: the copy to a GPU is a real async DMA (from pageable memory it syncs)
+            inputs = {k: (b[k].pin_memory() if device.type == "cuda" else b[k]).to(device, non_blocking=True)
+                      for k in MODEL_INPUTS if k in b}
             with _autocast(device, autocast_dtype):
-                loss = batch_loss_sum(model, inputs) / max(step_items, 1)
+                loss = batch_loss_sum(model, inputs, tc.loss_head) / max(step_items, 1)
             scaler.scale(loss).backward()
             step_loss += loss.detach().float()
-            tokens += b["n_tokens"]
-        loss_tokens += step_items
-        micro_batches += len(chunk)
+            prog.tokens += b["n_tokens"]
+        prog.loss_tokens += step_items
+        prog.micro_batches += len(chunk)
         if oc.max_grad_norm is not None:
             scaler.unscale_(opt)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, oc.max_grad_norm)
@@ -196,6 +222,8 @@ def train(model: torch.nn.Module, train: Batches, oc: OptimizerConfig, tc: Train
         sched.step()
         window.append((step_loss, step_items))
         bar.update(1)
+        prog.step = step
+        prog.epoch, prog.batches_in_epoch = (epoch + 1, 0) if done_in_epoch >= len(train) else (epoch, done_in_epoch)
 
         if step % tc.log_every == 0 or step == n_steps or step == 1:
             losses = torch.stack([l for l, _ in window]).cpu()  # the one host sync, on logging steps only
@@ -205,12 +233,13 @@ def train(model: torch.nn.Module, train: Batches, oc: OptimizerConfig, tc: Train
                 raise DivergedError(f"diverged at step {bad_step} (loss {float(losses[~finite][0])})")
             weights = torch.tensor([n for _, n in window], dtype=torch.float64)
             loss_val = float((losses.double() * weights).sum() / weights.sum().clamp(min=1))
-            first_loss = float(losses[0]) if first_loss is None else first_loss
-            last_loss = loss_val
+            prog.first_loss = float(losses[0]) if prog.first_loss is None else prog.first_loss
+            prog.last_loss = loss_val
             now = time.perf_counter()
-            rec = {"train/loss": loss_val, "train/lr": lr_used, "train/epoch": epoch + frac,
-                   "throughput/tokens_per_s": (tokens - tok_log) / max(now - t_log, 1e-9),
-                   "train/tokens": tokens}
+            rec = {"train/loss": loss_val, "train/lr": lr_used,
+                   "train/epoch": epoch + done_in_epoch / max(len(train), 1),
+                   "throughput/tokens_per_s": (prog.tokens - tok_log) / max(now - t_log, 1e-9),
+                   "train/tokens": prog.tokens}
             if grad_norm is not None:
                 rec["train/grad_norm"] = float(grad_norm)
             if memory is not None:
@@ -218,16 +247,45 @@ def train(model: torch.nn.Module, train: Batches, oc: OptimizerConfig, tc: Train
             log(step, rec)
             bar.set_postfix(loss=f"{loss_val:.4f}")
             window.clear()
-            t_log, tok_log = now, tokens
+            t_log, tok_log = now, prog.tokens
         if after_step is not None:
             after_step(step)
+        stop = preempt.requested()
+        if checkpointer is not None and (checkpointer.due(step) or stop is not None) and step < n_steps:
+            prog.window = [(float(l), n) for l, n in window]
+            seg_s = time.perf_counter() - t0
+            checkpointer.save(model, opt, sched, scaler,
+                              dataclasses.replace(prog, train_s=prog.train_s + seg_s,
+                                                  mem=_max_mem(prog.mem, memory.snapshot() if memory else {})))
+        if stop is not None and step < n_steps:
+            raise preempt.Interrupted(stop, step)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    train_s = time.perf_counter() - t0
+    train_s = prog.train_s + time.perf_counter() - t0  # all segments of a resumed run
     bar.close()
     if use_cache:
         config.use_cache = use_cache
     opt.zero_grad(set_to_none=True)
     del opt  # optimizer states are the run's, not the next phase's
-    return TrainResult(n_steps, last_loss, first_loss, train_s, tokens, loss_tokens,
-                       epochs_done=micro_batches / max(len(train), 1), optimizer_info=opt_info)
+    return TrainResult(n_steps, prog.last_loss, prog.first_loss, train_s, prog.tokens, prog.loss_tokens,
+                       epochs_done=prog.micro_batches / max(len(train), 1), optimizer_info=opt_info,
+                       earlier_mem=prog.mem, resumed_from_step=resume[1]["progress"]["step"] if resume else None)
+
+
+def _restore(model, opt, sched, scaler, weights: dict, state: dict) -> Progress:
+    """Put a checkpoint back: trainable weights, optimizer/scheduler/scaler states, RNG streams."""
+    own = {n for n, p in model.named_parameters() if p.requires_grad}
+    if set(weights) != own:
+        raise RuntimeError(f"checkpoint does not fit this model: {len(set(weights) ^ own)} trainable tensors differ")
+    result = model.load_state_dict(weights, strict=False)
+    if result.unexpected_keys:
+        raise RuntimeError(f"checkpoint has tensors this model lacks: {result.unexpected_keys[:3]}")
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    scaler.load_state_dict(state["scaler"])
+    set_rng_state(state["rng"])
+    return Progress(**state["progress"])
+
+
+def _max_mem(a: dict, b: dict) -> dict:
+    return {k: max(a.get(k, 0.0), b.get(k, 0.0)) for k in set(a) | set(b)}
