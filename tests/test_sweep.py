@@ -154,14 +154,14 @@ def test_grid_with_bad_targets_records_failures_goes_on_and_relaunch_skips(tmp_p
 
 
 @pytest.mark.slow
-def test_sweep_killed_in_second_run_resumes_and_leaves_the_first_untouched(tmp_path):
+def test_sweep_killed_in_second_run_resumes_it_and_leaves_the_first_untouched(tmp_path):
     study = tmp_path / "r" / "k"
     args = ["-m", *TINY, f"results_dir={tmp_path}/r", "study=k", "train.log_every=1", "lora.r=2,4,8",
-            "train.max_steps=20"]
-    # The second run holds after its step 3 until killed: the kill lands inside it on any machine.
+            "train.max_steps=20", "train.checkpoint_every=2"]
+    # The second run holds after its step 5 until killed: the kill lands inside it on any machine.
     marker = tmp_path / "held"
     env = {**os.environ, "WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore",
-           "LORASWEEP_TEST_HOLD": f"2:3:{marker}"}
+           "LORASWEEP_TEST_HOLD": f"2:5:{marker}"}
     proc = subprocess.Popen([sys.executable, str(Path(__file__).parent / "held_cli.py"), *args], cwd=tmp_path,
                             env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -191,9 +191,11 @@ def test_sweep_killed_in_second_run_resumes_and_leaves_the_first_untouched(tmp_p
     after = (rec1.read_bytes(), rec1.stat().st_mtime_ns,
              sorted((p.name, p.stat().st_mtime_ns) for p in (study / first).rglob("*")))
     assert after == before
-    # the killed attempt's leftovers are gone: one clean step log for the redone run
+    # the killed run resumed from its step-4 checkpoint (not restarted): one clean step log
+    assert recs[killed[0]]["resumed_from_step"] == 4
     steps = (study / killed[0] / "steps.jsonl").read_text().splitlines()
     assert [json.loads(l)["step"] for l in steps] == list(range(1, 21))
+    assert all("resumed_from_step" not in r for k, r in recs.items() if k != killed[0])
 
 
 @pytest.mark.slow
