@@ -87,7 +87,9 @@ def test_seeds_mean_std(studies):
 
     paths = write_report(studies / "seeds")
     md = paths["md"].read_text()
-    assert "## Across seeds (mean ± std)" in md and "| all seeds | 2 |" in md
+    assert "## Across seeds (mean ± half-width of the 95% t-interval; sd; n)" in md and "| all seeds | 2 |" in md
+    assert "## Verdicts" in md and "std over seeds <= 2%" in md  # the study file's claim, judged
+    assert "arms" in paths and paths["arms"].read_text().startswith("arm,metric,n,mean,std,ci_low,ci_high")
     assert paths["seed_spread"].stat().st_size > 5000
 
 

@@ -108,4 +108,5 @@ def test_study_smoke_run_completes(name, request, tmp_path):
     assert len(df) == len(grid(REPO / "sweeps" / f"{name}.yaml"))
     assert (df["status"] == "completed").all(), df[["run_id", "status", "error"]].to_string()
     paths = write_report(out / name)
-    assert paths["md"].read_text().startswith(f"# Study: {name}")
+    md = paths["md"].read_text()
+    assert md.startswith(f"# Study: {name}") and "## Verdicts" in md  # every study's claims are judged

@@ -1,7 +1,7 @@
 """A study folder (<results_dir>/<study>/) -> summary.csv, summary.md and plots.
 
     load_study(folder)                 one row per run: swept parameters, status, every metric
-    write_report(folder, baseline=..)  writes summary.csv, summary.md and the study's plots
+    write_report(folder, baseline=..)  writes summary.csv, arms.csv, summary.md and the study's plots
     lorasweep-report <folder> [--baseline 'precision=fp32']
 
 Which parameters were swept is read from the records themselves (the config values that differ
@@ -9,8 +9,13 @@ between runs), so the report needs no study file and works for any `-m` grid. A 
 `reference:` block (kept in every record's config) adds the question, the article's finding and
 its figures, printed beside the measured ones.
 
-The work is split by job: report_data (the study as a DataFrame), report_tables (summary.md),
-report_plots (plots); this module writes the files and is the command.
+Runs that differ only in `seed` form an arm; the report gives each arm's mean, sd, n and 95%
+t-interval, each arm's Welch interval against the baseline arm, and a verdict per claim in the
+study's `reference.claims`.
+
+The work is split by job: report_data (the study as a DataFrame), report_stats (intervals over
+seeds), report_claims (verdicts), report_tables (summary.md), report_plots (plots); this module
+writes the files and is the command.
 """
 from __future__ import annotations
 
@@ -23,13 +28,17 @@ from .report_data import (HEADERS, ReportError, _find_baseline, load_steps, load
                           primary_score, score_keys)
 from .report_plots import (make_plots, plot_heatmap, plot_loss_curves, plot_mem_vs_time,  # noqa: F401
                            plot_score_by_run, plot_score_vs_param, plot_seed_spread)
-from .report_tables import seed_table, summary_markdown, summary_table  # noqa: F401
+from .report_tables import diff_table, seed_table, summary_markdown, summary_table  # noqa: F401
+from .report_claims import evaluate_claims, parse_claims  # noqa: F401
+from .report_stats import arm_stats, t_interval, welch_interval  # noqa: F401
 
 
 # ----------------------------------------------------------------------------- entry points
 
 def write_report(folder: str | Path, baseline: str | dict | None = None) -> dict[str, Path]:
-    """Write summary.csv, summary.md and the plots into the study folder; return their paths.
+    """Write summary.csv, arms.csv (per arm and metric: n, mean, std, 95% t-interval, difference from
+    the baseline arm with its Welch interval), summary.md (with the verdicts on the study's claims)
+    and the plots into the study folder; return their paths.
 
     baseline: the row the `x base` columns divide by, as a label ('precision=fp32'), a run id or a
     {param: value} dict; default the study's reference.baseline, else the first completed run.
@@ -38,12 +47,15 @@ def write_report(folder: str | Path, baseline: str | dict | None = None) -> dict
     df = load_study(folder)
     if baseline is not None:
         _find_baseline(df, baseline)  # a wrong --baseline fails before any file is written
+    parse_claims(df.attrs.get("reference"))  # so does a malformed claim
     csv = folder / "summary.csv"
     df.drop(columns=["run_dir"]).to_csv(csv, index=False)
+    arms_csv = folder / "arms.csv"
+    arm_stats(df, baseline).to_csv(arms_csv, index=False)
     plots = make_plots(df, folder)
     md = folder / "summary.md"
     md.write_text(summary_markdown(df, baseline, [str(p) for p in plots]))
-    return {"csv": csv, "md": md, **{p.stem: p for p in plots}}
+    return {"csv": csv, "arms": arms_csv, "md": md, **{p.stem: p for p in plots}}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,5 +1,6 @@
 """summary.md: the article-shaped table (x-baseline ratios, the article's figures beside the measured
-ones), the across-seeds table and the page that holds them."""
+ones), the verdicts on the study's claims, the across-seeds tables (mean, interval, sd, n per arm;
+differences from the baseline arm) and the page that holds them."""
 from __future__ import annotations
 
 import math
@@ -8,7 +9,9 @@ from typing import Any
 
 import pandas as pd
 
+from .report_claims import evaluate_claims, verdicts_markdown
 from .report_data import HEADERS, _find_baseline, _num, memory_key, score_keys
+from .report_stats import INTERVAL_NAME, arms, baseline_arm, t_interval, welch_interval
 
 
 def _human_time(s: float) -> str:
@@ -119,28 +122,65 @@ def summary_table(df: pd.DataFrame, baseline: str | dict | None = None) -> str:
     return _md_table(header, rows)
 
 
-def seed_table(df: pd.DataFrame) -> str | None:
-    """mean ± std (n) of every numeric metric over seeds, per combination of the other swept values."""
-    swept = df.attrs.get("swept") or []
-    if "seed" not in swept:
-        return None
+def _arm_keys(df: pd.DataFrame) -> list[str]:
+    """The columns the across-seeds tables show (every column's numbers are in arms.csv)."""
     done = df[df["status"] == "completed"]
-    if done.empty:
+    return [k for k in ("time/train_s", memory_key(df), "params/trainable", "train/loss", "val/loss",
+                        "val/perplexity", "val/accuracy") if k and k in done.columns and done[k].notna().any()] \
+        + score_keys(done)
+
+
+def _repeated(df: pd.DataFrame) -> bool:
+    return any(len(g) > 1 for _, g in arms(df))
+
+
+def seed_table(df: pd.DataFrame) -> str | None:
+    """Per arm (runs that differ only in seed): n, and mean ± 95% t-interval half-width (sd) of each
+    metric. None when no arm has more than one run."""
+    if not _repeated(df):
         return None
-    keys = [k for k in ("time/train_s", memory_key(df), "params/trainable", "train/loss", "val/loss",
-                        "val/perplexity", "val/accuracy") if k and k in done.columns] + score_keys(done)
-    by = [c for c in swept if c != "seed"]
-    groups = done.groupby([done[c].astype(str) for c in by]) if by else [("all seeds", done)]
-    header = (by or ["runs"]) + ["n"] + [HEADERS.get(k, k) for k in keys]
+    keys = _arm_keys(df)
+    header = ["arm", "n"] + [HEADERS.get(k, k) for k in keys]
     rows = []
-    for name, g in groups:
-        name = name if isinstance(name, tuple) else (name,)
-        cells = [str(x) for x in name] + [str(len(g))]
+    for arm, g in arms(df):
+        cells = [arm, str(len(g))]
         for k in keys:
-            x = pd.to_numeric(g[k], errors="coerce").dropna()
-            cells.append("-" if x.empty else f"{x.mean():.4g} ± {x.std(ddof=1) if len(x) > 1 else 0:.2g}")
+            e = t_interval(g[k])
+            if e.n == 0:
+                cells.append("-")
+            elif e.n == 1:
+                cells.append(_fmt(k, e.mean))
+            else:
+                cells.append(f"{_fmt(k, e.mean)} ± {_fmt(k, e.half_width)} (sd {_fmt(k, e.std)})")
         rows.append(cells)
     return _md_table(header, rows)
+
+
+def diff_table(df: pd.DataFrame, baseline: str | dict | None = None) -> str | None:
+    """Each arm minus the baseline arm: difference of means [Welch 95% interval]. None without
+    repeated arms or with a single arm."""
+    groups = arms(df)
+    if len(groups) < 2 or not _repeated(df):
+        return None
+    base = baseline_arm(df, baseline)
+    base_runs = dict(groups)[base]
+    keys = _arm_keys(df)
+    rows = []
+    for arm, g in groups:
+        if arm == base:
+            continue
+        cells = [arm]
+        for k in keys:
+            d = welch_interval(g[k], base_runs[k])
+            if math.isnan(d.diff):
+                cells.append("-")
+            elif not d.known:
+                cells.append(f"{_fmt(k, d.diff)} (n=1)")
+            else:
+                mark = " *" if d.low > 0 or d.high < 0 else ""
+                cells.append(f"{_fmt(k, d.diff)} [{_fmt(k, d.low)}, {_fmt(k, d.high)}]{mark}")
+        rows.append(cells)
+    return f"Baseline arm: {base}.\n\n" + _md_table(["arm"] + [HEADERS.get(k, k) for k in keys], rows)
 
 
 def summary_markdown(df: pd.DataFrame, baseline: str | dict | None = None, plots: list[str] = ()) -> str:
@@ -153,6 +193,17 @@ def summary_markdown(df: pd.DataFrame, baseline: str | dict | None = None, plots
         src = f" ({ref['source']})" if ref.get("source") else ""
         lines += [f"**The article's finding{src}:** {ref['finding']}", ""]
     lines += [f"{len(df)} runs: " + ", ".join(f"{v} {k}" for k, v in sorted(n.items())) + ".", ""]
+    verdicts = evaluate_claims(df)
+    if verdicts:
+        lines += ["## Verdicts", "", verdicts_markdown(verdicts), ""]
+    st = seed_table(df)  # repeated arms: their means and intervals come before the single runs
+    if st:
+        lines += [f"## Across seeds (mean ± half-width of the {INTERVAL_NAME}; sd; n)", "", st, ""]
+    dt = diff_table(df, baseline)
+    if dt:
+        lines += ["## Differences from the baseline arm (Welch 95% interval; * = excludes 0)", "", dt, ""]
+    if st:
+        lines += ["## Every run", ""]
     lines += [summary_table(df, baseline), ""]
     mem = memory_key(df)
     notes = []
@@ -161,9 +212,6 @@ def summary_markdown(df: pd.DataFrame, baseline: str | dict | None = None, plots
                      ("; the article's figures are GPU peak allocated." if ref.get("article") else "."))
     notes.append("`x base` columns divide by the baseline row; scores are on this run's own data and scale.")
     lines += ["_" + " ".join(notes) + "_", ""]
-    st = seed_table(df)
-    if st:
-        lines += ["## Across seeds (mean ± std)", "", st, ""]
     failed = df[df["status"] != "completed"]
     if len(failed):
         lines += ["## Runs that did not complete", ""]

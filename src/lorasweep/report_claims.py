@@ -1,0 +1,369 @@
+"""Claims and verdicts: a study file's `reference.claims` say what the article found, in a form the
+report can check against the measured arms.
+
+    reference:
+      claims:
+        - {metric: memory, compare: "precision=nf4 < precision=fp32", article: "14.18 vs 21.33 GB"}
+        - {metric: val/loss, best: "alpha/r=2", per: r, article: "alpha = 2r usually best"}
+        - {metric: val/loss, compare: "optimizer=adamw_cosine ~ optimizer=adamw", margin: 2%, per: precision}
+        - {metric: val/loss, max_std: 2%, article: "single runs"}
+
+Forms: `compare: "A < B"` / `"A > B"` (A's mean below / above B's), `compare: "A ~ B"` (equal within
+`margin`), `best: A` (A beats every other arm, lower is better for losses, time and memory, higher
+for the rest unless `higher_is_better` says otherwise), `max_std: m` (the spread over seeds stays
+under m). A and B name arms like a baseline does (`precision=nf4`, `optimizer=sgd, precision=nf4`);
+a key `x/y` is the ratio of two swept values (`alpha/r=2`); `precision=fp32|bf16_true` takes
+either value (the CPU and the GPU baseline). `per: r` makes the comparison within
+each value of r. `metric: memory` is the GPU peak allocated where measured, else the peak RSS.
+`margin` (metric units, or `5%` of B's mean) is the smallest difference that counts; default 0.
+
+Verdicts, from the interval of mean(A) - mean(B) (Welch, 95%), for "A < B" with margin m:
+reproduced (interval below -m), opposite (above 0), not reproduced (the claimed effect of more
+than m is ruled out: interval above -m), inconclusive (the interval spans -m; with m = 0: it
+crosses zero, or an arm has a single run). "A ~ B": reproduced when the interval lies inside
+(-m, m), not reproduced when it lies outside. A claim made of several comparisons (`best`, `per`)
+is reproduced when every comparison is, opposite when any is, not reproduced when any is,
+inconclusive otherwise.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import pandas as pd
+
+from .report_data import ReportError, _num, memory_key
+from .report_stats import INTERVAL_NAME, arm_labels, std_interval, t_interval, welch_interval
+
+VERDICTS = ("reproduced", "not reproduced", "opposite", "inconclusive")
+_COMPARE = re.compile(r"^\s*(.+?)\s+(<|>|~|≈)\s+(.+?)\s*$")
+_SPLIT = re.compile(r",\s*(?=[\w.]+(?:/[\w.]+)?\s*=)")  # "targets=q_proj,v_proj, seed=1": split before "seed="
+_FIELDS = {"metric", "compare", "best", "per", "margin", "max_std", "article", "higher_is_better", "note"}
+
+
+@dataclass(frozen=True)
+class Claim:
+    metric: str
+    kind: str                      # compare | best | spread
+    a: dict = field(default_factory=dict)
+    op: str = ""                   # <, >, ~ (compare)
+    b: dict = field(default_factory=dict)
+    per: tuple = ()
+    margin: Any = 0
+    article: str = ""
+    higher_is_better: bool | None = None
+    text: str = ""
+
+
+@dataclass
+class Verdict:
+    claim: Claim
+    verdict: str
+    summary: str                   # the numbers behind the verdict
+    details: list = field(default_factory=list)  # one line per comparison when there are several
+
+    def line(self) -> str:
+        art = f" | article: {self.claim.article}" if self.claim.article else ""
+        return f"{self.verdict}: {self.claim.metric}: {self.claim.text} -- {self.summary}{art}"
+
+
+# ----------------------------------------------------------------------------- parsing
+
+def _selector(text: str, where: str) -> dict:
+    out = {}
+    for part in _SPLIT.split(str(text).strip()):
+        if "=" not in part:
+            raise ReportError(f"{where}={text!r}: each arm is param=value, e.g. 'precision=nf4' or "
+                              "'optimizer=sgd, precision=nf4'")
+        k, v = part.split("=", 1)
+        out[k.strip()] = v.strip()
+    return out
+
+
+def _margin_value(m: Any) -> float | None:
+    """The number in a margin (5 for '5%'), or None when it is neither a number >= 0 nor a percentage."""
+    if isinstance(m, str) and m.strip().endswith("%"):
+        try:
+            v = float(m.strip()[:-1])
+        except ValueError:
+            return None
+    elif isinstance(m, (int, float)) and not isinstance(m, bool):
+        v = float(m)
+    else:
+        return None
+    return v if v >= 0 else None
+
+
+def parse_claims(reference: dict | None) -> list[Claim]:
+    """The study's claims (reference.claims, a list; `claim` is read too). One error names the bad field."""
+    ref = reference or {}
+    raw = ref.get("claims", ref.get("claim"))
+    if raw is None:
+        return []
+    if isinstance(raw, dict):
+        raw = [raw]
+    if not isinstance(raw, (list, tuple)):
+        raise ReportError(f"reference.claims={raw!r}: must be a list of claims, e.g. "
+                          "[{metric: memory, compare: 'precision=nf4 < precision=fp32'}]")
+    out = []
+    for i, c in enumerate(raw):
+        where = f"reference.claims[{i}]"
+        if not isinstance(c, dict) or not c.get("metric"):
+            raise ReportError(f"{where}={c!r}: needs metric (a measured column such as val/loss, or memory)")
+        unknown = set(c) - _FIELDS
+        if unknown:
+            raise ReportError(f"{where}: unknown field(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(_FIELDS))}")
+        kinds = [k for k in ("compare", "best", "max_std") if c.get(k) is not None]
+        if len(kinds) != 1:
+            raise ReportError(f"{where}: give exactly one of compare ('A < B', 'A > B', 'A ~ B'), best (an arm) "
+                              f"or max_std (a spread), not {kinds or 'none'}")
+        margin = c.get("margin", 0)
+        if _margin_value(margin) is None:
+            raise ReportError(f"{where}.margin={margin!r}: must be a number >= 0 or a percentage like '5%'")
+        per = c.get("per") or ()
+        per = tuple([per] if isinstance(per, str) else per)
+        common = dict(metric=str(c["metric"]), per=per, margin=margin, article=str(c.get("article") or ""),
+                      higher_is_better=c.get("higher_is_better"))
+        if kinds == ["compare"]:
+            m = _COMPARE.match(str(c["compare"]))
+            if not m:
+                raise ReportError(f"{where}.compare={c['compare']!r}: must read 'A < B', 'A > B' or 'A ~ B', "
+                                  "e.g. 'precision=nf4 < precision=fp32'")
+            op = "~" if m.group(2) == "≈" else m.group(2)
+            if op == "~" and not _margin_value(margin):
+                raise ReportError(f"{where}.margin: 'A ~ B' needs a margin > 0 (the largest difference that "
+                                  "still counts as equal), e.g. margin: 2%")
+            text = f"{m.group(1)} {op} {m.group(3)}"
+            out.append(Claim(kind="compare", a=_selector(m.group(1), f"{where}.compare"), op=op,
+                             b=_selector(m.group(3), f"{where}.compare"), text=text + _per_text(per), **common))
+        elif kinds == ["best"]:
+            out.append(Claim(kind="best", a=_selector(c["best"], f"{where}.best"),
+                             text=f"{c['best']} best" + _per_text(per), **common))
+        else:
+            if _margin_value(c["max_std"]) is None:
+                raise ReportError(f"{where}.max_std={c['max_std']!r}: must be a number >= 0 or a percentage like '2%'")
+            out.append(Claim(kind="spread", margin=c["max_std"], text=f"std over seeds <= {c['max_std']}" + _per_text(per),
+                             **{k: v for k, v in common.items() if k != "margin"}))
+    return out
+
+
+def claim_problems(reference: dict | None) -> list[str]:
+    """The claims' syntax problems as one-line messages (empty when they parse)."""
+    try:
+        parse_claims(reference)
+    except ReportError as e:
+        return [str(e)]
+    return []
+
+
+def _per_text(per: tuple) -> str:
+    return f" (per {', '.join(per)})" if per else ""
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+def _column(df: pd.DataFrame, key: str) -> pd.Series | None:
+    """A swept column, or the ratio of two (`alpha/r`)."""
+    if key in df.columns:
+        return df[key]
+    if "/" in key:
+        x, y = key.split("/", 1)
+        if x in df.columns and y in df.columns:
+            return pd.to_numeric(df[x], errors="coerce") / pd.to_numeric(df[y], errors="coerce")
+    return None
+
+
+def _match(col: pd.Series, value: str) -> pd.Series:
+    """Rows whose value is `value` (numbers compared as numbers); 'fp32|bf16_true' matches either."""
+    if "|" in value:
+        hit = pd.Series(False, index=col.index)
+        for v in value.split("|"):
+            hit |= _match(col, v.strip())
+        return hit
+    num = pd.to_numeric(col, errors="coerce")
+    try:
+        v = float(value)
+    except ValueError:
+        v = None
+    if v is not None and num.notna().all():
+        return (num - v).abs() <= 1e-9 * max(1.0, abs(v))
+    return col.map(_num).astype(str) == str(value)
+
+
+def _select(df: pd.DataFrame, sel: dict) -> tuple[pd.DataFrame, str | None]:
+    """The runs of the one arm `sel` names, or (empty, why not)."""
+    mask = pd.Series(True, index=df.index)
+    for k, v in sel.items():
+        col = _column(df, k)
+        if col is None:
+            return df.iloc[0:0], f"no swept parameter {k!r}"
+        mask &= _match(col, v)
+    hit = df[mask]
+    text = ", ".join(f"{k}={v}" for k, v in sel.items())
+    if hit.empty:
+        return hit, f"no completed run has {text}"
+    names = list(dict.fromkeys(hit["_arm"]))
+    if len(names) > 1:
+        return hit.iloc[0:0], f"{text} matches {len(names)} arms ({'; '.join(names)}): name the other parameters or add per:"
+    return hit, None
+
+
+def _fmt(v: float, digits: int = 4) -> str:
+    if v is None or math.isnan(v):
+        return "-"
+    if abs(v) >= 1e4:
+        return f"{v:,.0f}"
+    return f"{v:.{digits}g}"
+
+
+def _abs_margin(m: Any, ref_mean: float) -> float:
+    if isinstance(m, str) and m.strip().endswith("%"):
+        return float(m.strip()[:-1]) / 100 * abs(ref_mean)
+    return float(m or 0)
+
+
+def _directional(lo: float, hi: float, want_below: bool, m: float) -> str:
+    """Verdict for 'diff < 0' (want_below) or 'diff > 0' with margin m, from the diff's interval."""
+    if not want_below:
+        lo, hi = -hi, -lo
+    if hi < -m:
+        return "reproduced"
+    if lo > 0:
+        return "opposite"
+    if lo >= -m:
+        return "not reproduced"
+    return "inconclusive"
+
+
+def _equivalent(lo: float, hi: float, m: float) -> str:
+    if -m < lo and hi < m:
+        return "reproduced"
+    if lo >= m or hi <= -m:
+        return "not reproduced"
+    return "inconclusive"
+
+
+def combine(verdicts: list[str]) -> str:
+    """Several comparisons: reproduced if all are, opposite if any is, not reproduced if any is."""
+    if not verdicts:
+        return "inconclusive"
+    if all(v == "reproduced" for v in verdicts):
+        return "reproduced"
+    for v in ("opposite", "not reproduced"):
+        if v in verdicts:
+            return v
+    return "inconclusive"
+
+
+def _lower_is_better(claim: Claim, metric: str) -> bool:
+    if claim.higher_is_better is not None:
+        return not claim.higher_is_better
+    return any(s in metric for s in ("loss", "perplexity")) or metric.startswith(("time/", "mem/", "plan/"))
+
+
+def _compare(a: pd.DataFrame, b: pd.DataFrame, metric: str, claim: Claim, op: str, label_a: str, label_b: str):
+    d = welch_interval(a[metric], b[metric])
+    ea, eb = t_interval(a[metric]), t_interval(b[metric])
+    m = _abs_margin(claim.margin, d.mean_b)
+    ratio = f", {d.mean_a / d.mean_b:.2f}x" if d.mean_b not in (0,) and not math.isnan(d.mean_b) else ""
+    nums = (f"{label_a} {_fmt(ea.mean)} ± {_fmt(ea.half_width, 2)} (n={ea.n}) vs {label_b} {_fmt(eb.mean)} ± "
+            f"{_fmt(eb.half_width, 2)} (n={eb.n}): diff {_fmt(d.diff)} [{_fmt(d.low)}, {_fmt(d.high)}]{ratio}")
+    if m:
+        nums += f", margin {_fmt(m)}"
+    if not d.known:
+        return "inconclusive", nums + " (an arm has one run: no interval; run more seeds)"
+    v = _equivalent(d.low, d.high, m) if op == "~" else _directional(d.low, d.high, op == "<", m)
+    return v, nums
+
+
+def _groups(df: pd.DataFrame, per: tuple) -> tuple[list[tuple[str, pd.DataFrame]], str | None]:
+    if not per:
+        return [("", df)], None
+    cols = {}
+    for p in per:
+        col = _column(df, p)
+        if col is None:
+            return [], f"per: no swept parameter {p!r}"
+        cols[p] = col.map(_num).astype(str)
+    key = pd.Series([", ".join(f"{p}={cols[p][i]}" for p in per) for i in df.index], index=df.index)
+    return [(k, df[key == k]) for k in dict.fromkeys(key)], None
+
+
+def evaluate_claim(df: pd.DataFrame, claim: Claim) -> Verdict:
+    """One claim's verdict on the completed runs of a loaded study."""
+    metric = memory_key(df) if claim.metric == "memory" else claim.metric
+    done = df[df["status"] == "completed"].copy()
+    if not metric or metric not in done.columns or pd.to_numeric(done[metric], errors="coerce").notna().sum() == 0:
+        return Verdict(claim, "inconclusive", f"{claim.metric} was not measured in this study")
+    done[metric] = pd.to_numeric(done[metric], errors="coerce")
+    done["_arm"] = arm_labels(done)
+    groups, why = _groups(done, claim.per)
+    if why:
+        return Verdict(claim, "inconclusive", why)
+    shown = metric if metric != claim.metric else ""
+    results: list[tuple[str, str]] = []  # (verdict, numbers) per comparison
+    for gname, g in groups:
+        prefix = f"{gname}: " if gname else ""
+        if claim.kind == "compare":
+            a, wa = _select(g, claim.a)
+            b, wb = _select(g, claim.b)
+            if wa or wb:
+                results.append(("inconclusive", prefix + (wa or wb)))
+                continue
+            v, nums = _compare(a, b, metric, claim, claim.op, _sel_text(claim.a), _sel_text(claim.b))
+            results.append((v, prefix + nums))
+        elif claim.kind == "best":
+            a, wa = _select(g, claim.a)
+            if wa:
+                results.append(("inconclusive", prefix + wa))
+                continue
+            lower = _lower_is_better(claim, metric)
+            rivals = [r for r in dict.fromkeys(g["_arm"]) if r != a["_arm"].iloc[0]]
+            for rival in rivals:
+                v, nums = _compare(a, g[g["_arm"] == rival], metric, claim, "<" if lower else ">",
+                                   a["_arm"].iloc[0], rival)
+                results.append((v, prefix + nums))
+            if not rivals:
+                results.append(("inconclusive", prefix + "no other arm to beat"))
+        else:  # spread
+            for arm in dict.fromkeys(g["_arm"]):
+                x = g.loc[g["_arm"] == arm, metric]
+                e = t_interval(x)
+                lo, hi = std_interval(x)
+                m = _abs_margin(claim.margin, e.mean)
+                nums = (f"{prefix}{arm}: std {_fmt(e.std)} [{_fmt(lo)}, {_fmt(hi)}] (chi-square 95%, n={e.n}) "
+                        f"around {_fmt(e.mean)}, limit {_fmt(m)}")
+                if e.n < 2:
+                    results.append(("inconclusive", nums + " (one run: no spread)"))
+                else:
+                    results.append(("reproduced" if hi < m else "not reproduced" if lo > m else "inconclusive", nums))
+    verdict = combine([v for v, _ in results])
+    metric_note = f" [{shown}]" if shown else ""
+    if len(results) == 1:
+        return Verdict(claim, verdict, results[0][1] + metric_note)
+    counts = ", ".join(f"{sum(v == s for v, _ in results)} {s}" for s in VERDICTS if any(v == s for v, _ in results))
+    return Verdict(claim, verdict, f"{len(results)} comparisons: {counts}{metric_note}",
+                   [f"{v}: {nums}" for v, nums in results])
+
+
+def _sel_text(sel: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in sel.items())
+
+
+def evaluate_claims(df: pd.DataFrame) -> list[Verdict]:
+    """Every claim of the study's reference block, judged on its completed runs."""
+    return [evaluate_claim(df, c) for c in parse_claims(df.attrs.get("reference"))]
+
+
+def verdicts_markdown(verdicts: list[Verdict]) -> str:
+    """The summary.md section: one line per claim, the comparisons below it when there are several."""
+    lines = [f"_Each claim from the study file, judged on the arms' means over seeds. `mean ± h (n=k)`: an arm's "
+             f"mean over k seeds and the half-width of its {INTERVAL_NAME}; `diff [lo, hi]`: the Welch 95% "
+             "interval of the difference of means (README: Studies and reports)._", ""]
+    for v in verdicts:
+        art = f" Article: {v.claim.article}." if v.claim.article else ""
+        lines.append(f"- **{v.verdict}** `{v.claim.metric}`: {v.claim.text} -- {v.summary}.{art}")
+        lines += [f"  - {d}" for d in v.details]
+    return "\n".join(lines)
