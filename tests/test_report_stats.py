@@ -279,3 +279,13 @@ def test_heatmap_cells_show_mean_and_interval(tmp_path, monkeypatch):
     half = stats.t.ppf(0.975, 2) * 0.01 / math.sqrt(3)
     assert f"1.010\n± {half:.3f}" in texts  # the alpha = 2r cells: mean over 3 seeds and CI half-width
     assert load_study(folder).attrs["swept"] == ["r", "alpha", "seed"]
+
+
+def test_bad_claim_stops_the_run_at_launch():
+    from lorasweep.config import ConfigError, validate
+
+    cfg = compose("sweep=qlora_vs_lora", "model=tiny_llama")
+    validate(cfg)  # the study's own claims are fine
+    cfg.reference = {**cfg.reference, "claims": [{"metric": "memory", "compare": "precision=nf4 << precision=fp32"}]}
+    with pytest.raises(ConfigError, match=r"reference\.claims\[0\]\.compare='precision=nf4 << precision=fp32': must read"):
+        validate(cfg)

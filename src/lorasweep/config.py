@@ -556,6 +556,10 @@ def validate(cfg: RunConfig) -> None:
     if not isinstance(cfg.runs_per_gpu, int) or cfg.runs_per_gpu < 1:
         bad("runs_per_gpu", cfg.runs_per_gpu, "must be a positive integer (runs sharing one GPU; 1 = one each)")
     _check_pruning(cfg, bad)
+    if isinstance(cfg.reference, dict) and ("claims" in cfg.reference or "claim" in cfg.reference):
+        from .report_claims import claim_problems  # a study's claims fail at launch, not at report time
+
+        p.extend(claim_problems(cfg.reference))
 
     if p:
         raise ConfigError(p)
