@@ -220,7 +220,7 @@ class SearchConfig:
     direction: str = "auto"  # minimize | maximize | auto (minimize losses and perplexity, else maximize)
     space: Dict[str, Any] = field(default_factory=dict)
     seed: int = 0
-    n_startup_trials: int = 5  # tpe: random trials before the model guides the sampling
+    n_startup_trials: int = 10  # tpe: random trials before the model guides the sampling (Optuna's default)
     workers: Optional[int] = None  # trials at once; null = hydra.sweeper.max_batch_size, else 1
 
 

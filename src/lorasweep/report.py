@@ -71,6 +71,12 @@ def main(argv: list[str] | None = None) -> None:
         print(f"lorasweep-report: {e}", file=sys.stderr)
         sys.exit(2)
     print(Path(paths["md"]).read_text().split("\n## Plots")[0])
+    from .search_report import applies, write_trials_report
+
+    if applies(a.folder):  # a search, or a sweep with a pruner: trials, best, curves, compute
+        trials = write_trials_report(a.folder)
+        print(Path(trials["trials_md"]).read_text().split("\n## Parameter importance")[0].split("\n## Trials")[0])
+        paths.update(trials)
     print("wrote " + ", ".join(str(p) for p in paths.values()))
 
 

@@ -343,7 +343,11 @@ def make_sampler(sc, seed: int, params: list[Param]):
     if sc.sampler == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if sc.sampler == "grid":
-        return optuna.samplers.GridSampler({p.name: p.grid() for p in params}, seed=seed)
+        class AskTellGrid(optuna.samplers.GridSampler):
+            def after_trial(self, study, trial, state, values):
+                pass  # GridSampler calls study.stop() here, which only works inside study.optimize()
+
+        return AskTellGrid({p.name: p.grid() for p in params}, seed=seed)
     # constant_liar: trials still running count as bad guesses, so parallel workers spread out
     return optuna.samplers.TPESampler(seed=seed, n_startup_trials=sc.n_startup_trials, constant_liar=True)
 
@@ -495,15 +499,22 @@ def prepare(config: DictConfig, arguments: list[str], max_batch_size: int | None
 
 # ----------------------------------------------------------------------------- a worker job
 
+def n_trials(sc, params: list[Param]) -> int:
+    """search.n_trials, capped at the grid's size for the grid sampler (each point once)."""
+    if sc.sampler != "grid":
+        return sc.n_trials
+    return min(sc.n_trials, math.prod(len(p.grid()) for p in params))
+
+
 def work(cfg: DictConfig, note: Callable[..., None], job: int = 0, show_progress: bool = False):
     """Ask, run, tell until the study holds search.n_trials trials. Returns the last outcome."""
     from . import pipeline
     from .cli import to_run_config
-    from .pruner import Watch  # noqa: F401 - imported here so a broken pruner fails before any trial
 
     base = to_run_config(cfg)
     sc = base.search
     params, _ = parse_space(OmegaConf.to_container(cfg.search.space), cfg, sc.sampler)
+    total = n_trials(sc, params)
     study = open_study(base)
     folder = study_dir(base)
     with _Lock(folder):
@@ -515,14 +526,14 @@ def work(cfg: DictConfig, note: Callable[..., None], job: int = 0, show_progress
         with _Lock(folder):
             recover(study)
             c = counts(study)
-            if c["waiting"] == 0 and c["planned"] >= sc.n_trials:
+            if c["waiting"] == 0 and c["planned"] >= total:
                 break
             trial = study.ask()
             trial.set_user_attr("host", socket.gethostname())
             trial.set_user_attr("pid", os.getpid())
         overrides = suggest(trial, params, cfg)
         trial.set_user_attr("overrides", overrides)
-        log.info("trial %d of %d: %s", trial.number + 1, sc.n_trials, " ".join(overrides))
+        log.info("trial %d of %d: %s", trial.number + 1, total, " ".join(overrides))
         try:
             rc = apply(cfg, overrides)
         except ConfigError as e:
