@@ -50,10 +50,13 @@ class Plan:
     peak_gb: float
     tokens: int
     notes: list[str] = field(default_factory=list)
+    # transient working memory of the adapter's initialisation (PiSSA's SVD, OLoRA's QR), one module
+    # at a time, before any activation exists; the peak is the larger of init and training
+    init_gb: float = 0.0
 
     def metrics(self) -> dict[str, float]:
         keys = ("weights_gb", "quant_constants_gb", "trainable_gb", "grads_gb", "optimizer_gb",
-                "activations_gb", "runtime_gb", "peak_gb")
+                "activations_gb", "runtime_gb", "peak_gb") + (("init_gb",) if self.init_gb else ())
         out = {f"plan/{k}": round(getattr(self, k), 4) for k in keys}
         out["plan/params_trainable"] = self.params_trainable
         out["plan/params_total"] = self.params_total
@@ -64,6 +67,8 @@ class Plan:
                 ("trainable (adapter) weights", self.trainable_gb), ("gradients", self.grads_gb),
                 ("optimizer states", self.optimizer_gb), (f"activations ({self.tokens} tokens/micro-batch)", self.activations_gb),
                 ("runtime" + (" (process baseline)" if self.device == "cpu" else ""), self.runtime_gb)]
+        if self.init_gb:
+            rows.append(("adapter init working memory (transient)", self.init_gb))
         what = "peak RSS" if self.device == "cpu" else "peak allocated"
         lines = [f"  {name:<40s} {gb:8.3f} GB" for name, gb in rows]
         lines.append(f"  {'predicted ' + what:<40s} {self.peak_gb:8.3f} GB")
@@ -140,17 +145,31 @@ def plan(cfg: RunConfig, skeleton: torch.nn.Module, device_type: str = "cpu", se
     trainable_numels: list[int] = []
     adapter_params = 0
     lora_modules: dict[str, torch.nn.Linear] = {}
+    ranks: dict[str, int] = {}
+    init_bytes = 0.0
     if lo.method == "lora":
+        from .adapter import lora_modules as adapted
+        from .config import lora_variant, rewrites_base
+
         targets = resolve_targets(lo.targets, skeleton)
-        lora_modules = {n: m for n, m in linears.items() if _matches(n, targets)}
-        for m in lora_modules.values():
-            trainable_numels += [lo.r * m.in_features, lo.r * m.out_features]
+        # peft's own matching: targets, layers_to_transform, exclude_modules, rank_pattern
+        ranks = {n: r for n, (r, _) in adapted(lo, skeleton, heads).items()}
+        lora_modules = {n: linears[n] for n in ranks}
+        for n, m in lora_modules.items():
+            trainable_numels += [ranks[n] * m.in_features, ranks[n] * m.out_features]
+            if lo.use_dora:  # DoRA: one trained magnitude per output row
+                trainable_numels.append(m.out_features)
         for h in heads:  # modules_to_save: a trainable copy of the classification head
             trainable_numels += [p.numel() for p in getattr(skeleton, h).parameters()]
         adapter_params = sum(trainable_numels)
         train_bytes_per = 4  # peft keeps adapter weights in fp32 (autocast_adapter_dtype)
         trainable_gb = adapter_params * 4 / GB
-        notes.append(f"LoRA r={lo.r} on {len(lora_modules)} modules ({', '.join(targets)})")
+        if rewrites_base(lo):  # the adapter's start (A0, B0) is kept to save a plain LoRA at the end
+            trainable_gb *= 2
+        init_bytes = _init_working_bytes(lo, lora_modules, ranks, BYTES[other_dt])
+        rs = sorted(set(ranks.values())) or [lo.r]
+        rtxt = f"r={rs[0]}" if len(rs) == 1 else f"r={rs[0]}..{rs[-1]}"
+        notes.append(f"{lora_variant(lo)} {rtxt} on {len(lora_modules)} modules ({', '.join(targets)})")
     else:
         pats = None if lo.method == "full" else resolve_targets(lo.trainable, skeleton, field_name="lora.trainable")
         for n, p in skeleton.named_parameters():
@@ -181,7 +200,22 @@ def plan(cfg: RunConfig, skeleton: torch.nn.Module, device_type: str = "cpu", se
     # LoRA keeps A's output (r) per module; with dropout > 0 also the dropped copy of the input and
     # its 1-byte mask (with dropout 0, lora_A reads the very tensor the base layer already keeps).
     lora_in = sum(m.in_features for m in lora_modules.values()) * ((1 + 1 / e) if lo.dropout > 0 else 0)
-    lora_per_layer = (lora_in + lo.r * len(lora_modules)) / max(layers, 1)
+    lora_per_layer = (lora_in + sum(ranks.values())) / max(layers, 1)
+    dora_transient = 0.0
+    if lo.method == "lora" and lo.use_dora:
+        # DoRA keeps the base output and the scaled LoRA output of every module for the magnitude's
+        # gradient; with dropout it recomputes the base matmul on the dropped input, which keeps
+        # the weight (a dequantized copy for 4-bit) alive for backward.
+        lora_per_layer += 2 * sum(m.out_features for m in lora_modules.values()) / max(layers, 1)
+        if lo.dropout > 0 and quant:
+            dora_kept = sum(m.in_features * m.out_features for m in lora_modules.values()) * e
+        else:
+            dora_kept = 0.0
+        # each forward builds ||W + s*B*A|| row norms: W + s*B*A, B*A through an identity (in x in),
+        # and for 4-bit the dequantized W, all fp32, one module at a time
+        dora_transient = dora_kept + max(((m.in_features ** 2 + (3 if quant else 2) * m.in_features * m.out_features) * 4
+                                          for m in lora_modules.values()), default=0.0)
+        notes.append("DoRA: magnitude vectors, 2 x out_features kept per token and module, weight-norm transients")
     if lo.method != "lora" and n_trainable:
         # trained base linears keep their inputs (~ one h and one i per layer beyond the frozen case)
         per_layer += h + inter
@@ -195,8 +229,13 @@ def plan(cfg: RunConfig, skeleton: torch.nn.Module, device_type: str = "cpu", se
     act += tokens * (3 * h * e + LOGIT_COPIES * 4 * vocab)
     if device_type == "cpu":
         act *= CPU_ACT_SLACK
+    act += dora_transient
     runtime = CPU_RUNTIME_GB * GB if device_type == "cpu" else 0.0
     peak = weights + qconst + trainable_gb * GB + grads + optim + act + runtime
+    # the init transient comes before gradients, optimizer states and activations exist
+    peak = max(peak, weights + qconst + trainable_gb * GB + runtime + init_bytes)
+    if init_bytes:
+        notes.append(f"{lo.init} init: {init_bytes / GB:.3f} GB transient for the largest module's decomposition")
     if seq_len:
         notes.append(f"activations for the data's longest batch: {tr.batch_size} x {seq} tokens")
     elif tr.packing or tr.batch_size > 1:
@@ -204,7 +243,27 @@ def plan(cfg: RunConfig, skeleton: torch.nn.Module, device_type: str = "cpu", se
     return Plan(device=device_type, params_total=n_total + adapter_params, params_trainable=n_trainable,
                 params_quantized=n_quant, weights_gb=weights / GB, quant_constants_gb=qconst / GB,
                 trainable_gb=trainable_gb, grads_gb=grads / GB, optimizer_gb=optim / GB,
-                activations_gb=act / GB, runtime_gb=runtime / GB, peak_gb=peak / GB, tokens=tokens, notes=notes)
+                activations_gb=act / GB, runtime_gb=runtime / GB, peak_gb=peak / GB, tokens=tokens, notes=notes,
+                init_gb=init_bytes / GB)
+
+
+def _init_working_bytes(lo, modules: dict, ranks: dict, weight_bytes: float) -> float:
+    """Transient bytes of the largest module's PiSSA/OLoRA initialisation (peft's pissa_init /
+    olora_init, fp32): the decomposition's factors, B*A and the new residual weight, plus an fp32
+    copy of W when it is stored narrower. Default/gaussian init allocates nothing beyond A and B."""
+    worst = 0.0
+    for n, m in modules.items():
+        o, i, r = m.out_features, m.in_features, ranks[n]
+        k = min(o, i)
+        copy = o * i * 4 if weight_bytes < 4 else 0
+        if lo.init == "pissa" or lo.init == "olora":  # full SVD: U (o x k), S, Vh (k x i); QR: Q, R
+            b = (o * k + k * i + k) * 4 + 2 * o * i * 4 + copy
+        elif lo.init.startswith("pissa_niter_"):  # randomized SVD: thin (o x r), (i x r) factors
+            b = 3 * (o + i) * r * 4 + 2 * o * i * 4 + copy
+        else:
+            continue
+        worst = max(worst, b)
+    return worst
 
 
 def data_seq_len(cfg: RunConfig) -> int | None:

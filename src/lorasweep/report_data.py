@@ -3,6 +3,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -10,6 +11,7 @@ from typing import Any
 
 import pandas as pd
 
+from .config import LoraConfig, lora_variant
 from .record import RECORD
 
 # Config keys that never make two runs differ in what they compute.
@@ -18,7 +20,7 @@ IGNORED_KEYS = ("reference", "results_dir", "study", "rerun", "logger", "planner
 # Readable names for swept keys; first in this order when they vary.
 SHORT = {"lora.r": "r", "lora.alpha": "alpha", "lora.targets": "targets", "lora.trainable": "trainable",
          "lora.dropout": "dropout", "train.epochs": "epochs", "seed": "seed", "train.max_steps": "steps"}
-GROUP_LABELS = ("model", "data", "method", "precision", "optimizer")
+GROUP_LABELS = ("model", "data", "method", "variant", "precision", "optimizer")
 NUMERIC_PARAMS = ("r", "alpha", "dropout", "epochs", "seed", "steps")
 BASE_COLUMNS = ("run_id", "label", "status")
 
@@ -65,8 +67,15 @@ def _group_labels(cfg: dict) -> dict[str, str]:
         m = method
     sched = op.get("schedule", "constant")
     return {"model": cfg.get("model", {}).get("name"), "data": cfg.get("data", {}).get("name"), "method": m,
+            "variant": _variant(lo),
             "precision": cfg.get("precision", {}).get("name"),
             "optimizer": f"{op.get('name')}" + (f"_{sched}" if sched and sched != "constant" else "")}
+
+
+def _variant(lo: dict) -> str:
+    """lora, dora, rslora, pissa, loraplus_x16, ... (config.lora_variant; older records: plain lora)."""
+    known = {f.name for f in dataclasses.fields(LoraConfig)}
+    return lora_variant(LoraConfig(**{k: v for k, v in lo.items() if k in known}))
 
 
 def _run_folders(folder: Path) -> list[Path]:
