@@ -24,3 +24,34 @@ def test_slurm_sweep_runs_each_config_as_a_job(local_slurm, tmp_path):  # noqa: 
     assert all(r["env"].get("slurm_array") for r in recs)
     assert all(r["config"]["train"]["num_threads"] == 1 for r in recs)  # = cpus_per_task
     assert "sweep: 2 completed, 0 failed, 0 skipped (2 runs)" in p.stdout
+
+
+def test_slurm_job_signalled_mid_run_is_requeued_and_resumes(local_slurm, tmp_path):  # noqa: F811
+    import json
+    import subprocess
+    import time
+
+    study = tmp_path / "r" / "pre"
+    proc = lorasweep("-m", "launcher=slurm", *TINY, f"results_dir={tmp_path}/r", "study=pre", "lora.r=2",
+                     "train.max_steps=400", "train.log_every=1", "train.checkpoint_every=100",
+                     f"hydra.launcher.partition={local_slurm.partition}", "hydra.launcher.gpus_per_node=null",
+                     "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=2", "hydra.launcher.timeout_min=15",
+                     cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 600
+    job = None
+    while job is None:
+        assert proc.poll() is None and time.time() < deadline, "the job never started training"
+        for rec in records(study).values():
+            steps = study / rec["run_id"] / "steps.jsonl"
+            if rec["status"] == "running" and steps.exists() and steps.read_text().count("\n") >= 20:
+                job = rec["env"]["slurm_job_id"]
+        time.sleep(0.2)
+    # What SLURM sends the job's steps ahead of a time limit (submitit asks for --signal=USR2@delay).
+    subprocess.run(["scancel", "--signal=USR2", job], check=True)
+    out, _ = proc.communicate(timeout=900)
+    assert proc.returncode == 0, out[-3000:]
+    (rec,) = records(study).values()
+    assert rec["status"] == "completed", rec.get("error")
+    assert rec["resumed_from_step"] >= 20
+    steps = [json.loads(l)["step"] for l in (study / rec["run_id"] / "steps.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 401))

@@ -39,6 +39,8 @@ def _handler(signum, frame) -> None:
     global _received
     if signum == signal.SIGINT and _received == signal.SIGINT:
         raise KeyboardInterrupt  # the second Ctrl-C: now
+    if _received is not None:
+        return  # the first request decides (SLURM may follow USR2 with TERM)
     _received = signum
     log.warning("%s received: stopping after the current optimizer step (checkpoint saved)",
                 signal.Signals(signum).name)
