@@ -303,3 +303,14 @@ def longest_example(dc: DataConfig, tokenizer, max_seq_len: int) -> int | None:
     rows = raw[: dc.max_train_examples] if dc.max_train_examples else raw
     return max((len(e["input_ids"]) for e in cached_tokenize(rows, tokenizer, dc, max_seq_len)), default=None)
 
+
+def most_loss_tokens(dc: DataConfig, tokenizer, max_seq_len: int) -> int | None:
+    """Loss tokens (shifted labels not ignored) in the training example with the most: the
+    positions the loss head sees, which the memory plan sizes the logits by."""
+    if dc.name not in ("arithmetic", "alpaca", "jsonl") or (dc.name == "alpaca" and not dc.path):
+        return None
+    raw = load_raw(dc)["train"]
+    rows = raw[: dc.max_train_examples] if dc.max_train_examples else raw
+    return max((sum(l != IGNORE for l in e["labels"][1:]) for e in cached_tokenize(rows, tokenizer, dc, max_seq_len)),
+               default=None)
+

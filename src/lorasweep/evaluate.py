@@ -13,7 +13,7 @@ from .loss import batch_loss_sum
 
 @torch.no_grad()
 def validation_loss(model: torch.nn.Module, val: Batches, *, device: torch.device,
-                    autocast_dtype: torch.dtype | None) -> dict[str, float]:
+                    autocast_dtype: torch.dtype | None, loss_head: str = "labelled") -> dict[str, float]:
     was_training = model.training
     model.eval()
     t0 = time.perf_counter()
@@ -22,7 +22,7 @@ def validation_loss(model: torch.nn.Module, val: Batches, *, device: torch.devic
     ctx = torch.autocast(device_type=device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
     for b in val.epoch(0):
         with ctx:  # the training objective's sum, so val/loss and train/loss are on one basis
-            total += batch_loss_sum(model, {k: b[k].to(device) for k in ("input_ids", "attention_mask", "labels")}).double()
+            total += batch_loss_sum(model, {k: b[k].to(device) for k in ("input_ids", "attention_mask", "labels")}, loss_head).double()
         count += b["n_loss_tokens"]
     model.train(was_training)
     loss = float(total) / max(count, 1)

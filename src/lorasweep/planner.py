@@ -105,10 +105,12 @@ def _optimizer_bytes(name: str, numels: list[int], param_bytes: int) -> float:
     return sum(2 * n * (1 + 4 / 2048) if n >= BNB_8BIT_MIN else 2 * n * 4 for n in numels)
 
 
-def plan(cfg: RunConfig, skeleton: torch.nn.Module, device_type: str = "cpu", seq_len: int | None = None) -> Plan:
+def plan(cfg: RunConfig, skeleton: torch.nn.Module, device_type: str = "cpu", seq_len: int | None = None,
+         loss_tokens: int | None = None) -> Plan:
     """The memory plan of one run on this device type ('cpu' or 'cuda').
     seq_len: the longest batch the data will make (batches are padded to their longest example);
-    None assumes every sequence fills train.max_seq_len."""
+    None assumes every sequence fills train.max_seq_len. loss_tokens: the most loss tokens one
+    example holds (the labelled positions the loss head sees); None assumes every position."""
     from .adapter import resolve_targets
 
     hf = skeleton.config
@@ -226,7 +228,16 @@ def plan(cfg: RunConfig, skeleton: torch.nn.Module, device_type: str = "cpu", se
         notes.append("gradient checkpointing: one layer's activations at a time")
     else:
         act = tokens * e * layers * (per_layer + lora_per_layer)
-    act += tokens * (3 * h * e + LOGIT_COPIES * 4 * vocab)
+    # The loss's fp32 logits: at every position (train.loss_head=full), or only at the labelled
+    # positions, one chunk of them at a time (loss.py): the smaller of the two counts
+    loss_rows = tokens
+    if tr.loss_head == "labelled" and vocab:
+        from .loss import chunk_positions
+
+        labelled = min(tokens, tr.batch_size * loss_tokens) if loss_tokens else tokens
+        loss_rows = min(labelled, chunk_positions(vocab))
+        notes.append(f"loss: output head at labelled positions only, at most {loss_rows} rows of logits at a time")
+    act += tokens * 3 * h * e + loss_rows * LOGIT_COPIES * 4 * vocab
     if device_type == "cpu":
         act *= CPU_ACT_SLACK
     act += dora_transient
@@ -275,6 +286,15 @@ def data_seq_len(cfg: RunConfig) -> int | None:
     return data_stage.longest_example(cfg.data, model_stage.load_tokenizer(cfg.model), cfg.train.max_seq_len)
 
 
+def data_loss_tokens(cfg: RunConfig) -> int | None:
+    """The most loss tokens one example of the run's own data holds, or None if unknown."""
+    from . import data as data_stage, model as model_stage
+
+    if cfg.model.task != "causal_lm" or cfg.train.packing:
+        return None  # a packed row may be labelled throughout
+    return data_stage.most_loss_tokens(cfg.data, model_stage.load_tokenizer(cfg.model), cfg.train.max_seq_len)
+
+
 def plan_run(cfg: RunConfig, device_type: str | None = None, skeleton=None, seq_len: int | None | str = "data") -> Plan:
     """Build the skeleton (meta device) and plan; the device is the one the run would pick."""
     from . import model as model_stage
@@ -283,6 +303,8 @@ def plan_run(cfg: RunConfig, device_type: str | None = None, skeleton=None, seq_
         device_type = model_stage.pick_device(cfg.train.device).type
     if skeleton is None:
         skeleton = model_stage.build_skeleton(cfg.model)
+    loss_tokens = None
     if seq_len == "data":
         seq_len = data_seq_len(cfg)
-    return plan(cfg, skeleton, device_type, seq_len=seq_len)
+        loss_tokens = data_loss_tokens(cfg) if seq_len else None
+    return plan(cfg, skeleton, device_type, seq_len=seq_len, loss_tokens=loss_tokens)
