@@ -90,8 +90,9 @@ class Checkpointer:
     def due(self, step: int) -> bool:
         return self.every > 0 and step % self.every == 0
 
-    def save(self, model: torch.nn.Module, opt, sched, scaler, progress: Progress) -> Path:
-        """Write step ``progress.step``'s checkpoint atomically; returns its folder."""
+    def save(self, model: torch.nn.Module, opt, sched, scaler, progress: Progress, extra: dict | None = None) -> Path:
+        """Write step ``progress.step``'s checkpoint atomically; returns its folder. ``extra``: more
+        entries for state.pt (a run on several processes adds every rank's RNG state, ``rng_ranks``)."""
         from safetensors.torch import save_file
 
         t0 = time.perf_counter()
@@ -101,7 +102,7 @@ class Checkpointer:
         tmp.mkdir(parents=True)
         save_file(trainable_state(model), str(tmp / WEIGHTS))
         torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                    "scaler": scaler.state_dict(), "rng": rng_state(), "progress": asdict(progress)},
+                    "scaler": scaler.state_dict(), "rng": rng_state(), "progress": asdict(progress), **(extra or {})},
                    tmp / STATE)
         sizes = {name: (tmp / name).stat().st_size for name in (WEIGHTS, STATE)}
         (tmp / MANIFEST).write_text(json.dumps({"step": progress.step, "sizes": sizes}))

@@ -127,6 +127,8 @@ def task(cfg: DictConfig):
         from .pipeline import Outcome
 
         outcome = Outcome(run_id="(crashed)", status="failed", error=f"{type(e).__name__}: {e}")
+    if outcome.status == "follower":  # node k > 0 of a multi-node run: node 0 notes and reports it
+        return outcome.__dict__
     if multirun:
         from .sweep import note_outcome
 

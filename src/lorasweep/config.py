@@ -144,6 +144,12 @@ class TrainConfig:
     # (0 = off); what a pruner (pruner=median|asha) compares runs by
     eval_every: int = 0
     eval_examples: int = 32  # the first N validation examples: the same subset for every run
+    # One run on several processes (distributed.py): devices = processes per node (1 = one process,
+    # no torch.distributed), nodes = SLURM nodes; strategy ddp (each rank a full copy, gradients
+    # all-reduced) | fsdp (not available yet). batch_size stays the GLOBAL micro-batch, split by rows.
+    devices: int = 1
+    nodes: int = 1
+    strategy: str = "ddp"
 
 
 @dataclass
@@ -308,6 +314,8 @@ def config_hash(cfg: RunConfig) -> str:
             d["train"].pop(k, None)
     d["train"].pop("eval_every", None)  # periodic validation adds a curve; weights and metrics are unchanged
     d["train"].pop("eval_examples", None)
+    for k in ("devices", "nodes", "strategy"):  # N processes compute what one process computes
+        d["train"].pop(k, None)
     for k, default in LORA_VARIANT_DEFAULTS.items():
         if d["lora"].get(k) == default:
             d["lora"].pop(k, None)
@@ -443,6 +451,51 @@ def _check_pruning(cfg: RunConfig, bad) -> None:
         bad("pruner.min_steps", pu.min_steps, "must be >= 0 (0 = train.eval_every)")
 
 
+STRATEGIES = ("ddp", "fsdp")
+
+
+def world_size(tc: TrainConfig) -> int:
+    """Processes of one run: devices per node x nodes."""
+    return tc.devices * tc.nodes
+
+
+def _check_distributed(cfg: RunConfig, bad) -> None:
+    """train.devices / nodes / strategy, and what a run on several processes cannot do yet."""
+    tr = cfg.train
+    for name in ("devices", "nodes"):
+        v = getattr(tr, name)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            bad(f"train.{name}", v, "must be a positive integer (1 = today's one-process run)")
+            return
+    if tr.strategy not in STRATEGIES:
+        bad("train.strategy", tr.strategy, f"must be one of {', '.join(STRATEGIES)}")
+    world = world_size(tr)
+    if world == 1:
+        return
+    if tr.strategy == "fsdp":
+        bad("train.strategy", tr.strategy, "fsdp is not available yet; use train.strategy=ddp")
+    if tr.batch_size % world:
+        bad("train.batch_size", tr.batch_size, f"is the global micro-batch and must divide evenly over "
+            f"train.devices x train.nodes = {world} processes (e.g. train.batch_size={max(1, tr.batch_size // world) * world})")
+    if tr.device != "cpu" and _cuda_visible():
+        import torch
+
+        if tr.devices > torch.cuda.device_count():
+            bad("train.devices", tr.devices, f"only {torch.cuda.device_count()} GPU(s) visible on this node; "
+                f"one process per GPU")
+    if cfg.precision.quant != "none":
+        bad("precision.quant", cfg.precision.quant, "4-bit bases on several processes are not available yet; "
+            "use train.devices=1 or precision=bf16_true/fp32")
+    if tr.eval_every > 0:
+        bad("train.eval_every", tr.eval_every, "periodic validation on several processes is not available yet; "
+            "set train.eval_every=0 or train.devices=1")
+    if cfg.eval.baseline and cfg.eval.tasks:
+        bad("eval.baseline", cfg.eval.baseline, "base-model scores on several processes are not available yet; "
+            "set eval.baseline=false or train.devices=1")
+    if tr.compile:
+        bad("train.compile", tr.compile, "torch.compile on several processes is not available yet; set train.compile=false")
+
+
 def validate(cfg: RunConfig) -> None:
     """Check every field that can be checked without the model; raise one ConfigError naming all."""
     p: list[str] = []
@@ -516,6 +569,7 @@ def validate(cfg: RunConfig) -> None:
         bad("train.packing", tr.packing, "packing is for causal_lm instruction data; set train.packing=false")
     if tr.loss_head not in ("labelled", "full"):
         bad("train.loss_head", tr.loss_head, "must be labelled (head only where a label is) or full (every position)")
+    _check_distributed(cfg, bad)
 
     da = cfg.data
     if da.template not in ("auto", "alpaca", "chat"):

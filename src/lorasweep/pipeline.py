@@ -30,6 +30,7 @@ from . import benchmarks as bench_stage
 from . import basecache as base_cache
 from . import classification as cls_stage
 from . import data as data_stage
+from . import distributed
 from . import evaluate as eval_stage
 from . import model as model_stage
 from . import train as train_stage
@@ -54,6 +55,7 @@ class PreflightError(ValueError):
 class Outcome:
     run_id: str
     status: str  # completed | failed | skipped | pruned | interrupted | elsewhere (another launch holds its lease)
+    # | follower (node k > 0 of a multi-node run: node 0 records it)
     error: str | None = None
     run_dir: str | None = None
     metrics: dict | None = None
@@ -238,6 +240,9 @@ def run(cfg: RunConfig, *, show_progress: bool = True) -> Outcome:
     validate(cfg)
     rid = make_run_id(cfg)
     run_dir = run_dir_for(cfg)
+    if distributed.wanted(cfg) and distributed.node_rank() > 0:  # another node of a multi-node run
+        distributed.follow(cfg, rid, run_dir)
+        return Outcome(rid, "follower", None, str(run_dir))
     done = _already_completed(cfg, rid, run_dir)
     if done is not None:
         return done
@@ -253,6 +258,8 @@ def run(cfg: RunConfig, *, show_progress: bool = True) -> Outcome:
         if done is not None:
             return done
         with preempt.StopOnSignal():  # SIGTERM/SIGUSR1/SIGUSR2/Ctrl-C: stop after the step, checkpointed
+            if distributed.wanted(cfg):  # train.devices x train.nodes > 1: torchrun starts the ranks
+                return distributed.launch(cfg, rid, run_dir, lease, show_progress)
             return _run_leased(cfg, rid, run_dir, lease, show_progress)
     finally:
         lease.release()

@@ -162,11 +162,14 @@ def train(model: torch.nn.Module, train: Batches, oc: OptimizerConfig, tc: Train
           device: torch.device, autocast_dtype: torch.dtype | None,
           log: Callable[[int, dict], None], memory=None, show_progress: bool = True,
           after_step: Callable[[int], None] | None = None,
-          checkpointer: Checkpointer | None = None, resume: tuple[dict, dict] | None = None) -> TrainResult:
+          checkpointer: Checkpointer | None = None, resume: tuple[dict, dict] | None = None,
+          shard=None) -> TrainResult:
     """``after_step(step)`` runs after every optimizer step (and its log line); it may raise to end
     the run there (e.g. a pruner that stops a losing run). ``checkpointer`` saves every
     ``train.checkpoint_every`` steps and when a stop signal arrives (preempt.py; then Interrupted is
-    raised); ``resume`` = (trainable weights, state) of a checkpoint to continue from."""
+    raised); ``resume`` = (trainable weights, state) of a checkpoint to continue from.
+    ``shard`` (shard.Shard): this process is one rank of several; it trains on its rows of each
+    global micro-batch through DDP, and the logged loss and stop requests are agreed over the ranks."""
     n_steps = total_steps(tc, len(train))
     if n_steps == 0:
         return TrainResult(0, None, None, 0.0, 0, 0, 0.0)
@@ -199,14 +202,21 @@ def train(model: torch.nn.Module, train: Batches, oc: OptimizerConfig, tc: Train
         epoch, done_in_epoch, chunk = next(steps)
         step_items = sum(b["n_loss_tokens"] for b in chunk)  # known on the host before any forward
         step_loss = torch.zeros((), device=device)
-        for b in chunk:
+        for i, b in enumerate(chunk):
+            rows = b if shard is None else shard.rows(b)  # every rank holds the global micro-batch
             # pinned host memory: the copy to a GPU is a real async DMA (from pageable memory it syncs)
-            inputs = {k: (b[k].pin_memory() if device.type == "cuda" else b[k]).to(device, non_blocking=True)
-                      for k in MODEL_INPUTS if k in b}
-            with _autocast(device, autocast_dtype):
-                loss = batch_loss_sum(model, inputs, tc.loss_head) / max(step_items, 1)
-            scaler.scale(loss).backward()
-            step_loss += loss.detach().float()
+            inputs = {k: (rows[k].pin_memory() if device.type == "cuda" else rows[k]).to(device, non_blocking=True)
+                      for k in MODEL_INPUTS if k in rows}
+            if shard is None:
+                with _autocast(device, autocast_dtype):
+                    loss = batch_loss_sum(model, inputs, tc.loss_head) / max(step_items, 1)
+                scaler.scale(loss).backward()
+            else:  # gradients all-reduced (averaged) on the step's last micro-batch only
+                with shard.sync(last=i == len(chunk) - 1):
+                    with _autocast(device, autocast_dtype):
+                        loss = shard.loss_sum(inputs, rows, tc.loss_head) / max(step_items, 1)
+                    scaler.scale(loss * shard.world).backward()  # DDP's mean over ranks undoes the x world
+            step_loss += loss.detach().float()  # this rank's part of the step's token mean
             prog.tokens += b["n_tokens"]
         prog.loss_tokens += step_items
         prog.micro_batches += len(chunk)
@@ -227,6 +237,8 @@ def train(model: torch.nn.Module, train: Batches, oc: OptimizerConfig, tc: Train
 
         if step % tc.log_every == 0 or step == n_steps or step == 1:
             losses = torch.stack([l for l, _ in window]).cpu()  # the one host sync, on logging steps only
+            if shard is not None:
+                losses = shard.sum_over_ranks(losses)  # the ranks' parts add up to the global token mean
             finite = torch.isfinite(losses)
             if not bool(finite.all()):
                 bad_step = step - len(window) + 1 + int((~finite).nonzero()[0])
@@ -250,7 +262,7 @@ def train(model: torch.nn.Module, train: Batches, oc: OptimizerConfig, tc: Train
             t_log, tok_log = now, prog.tokens
         if after_step is not None:
             after_step(step)
-        stop = preempt.requested()
+        stop = preempt.requested() if shard is None else shard.agree_stop(preempt.requested())
         if checkpointer is not None and (checkpointer.due(step) or stop is not None) and step < n_steps:
             prog.window = [(float(l), n) for l, n in window]
             seg_s = time.perf_counter() - t0

@@ -1,0 +1,224 @@
+"""One rank of a run on several processes: ``python -m torch.distributed.run ... -m lorasweep.rank SPEC``.
+
+Started by distributed.py (the Hydra job that holds the run's lease and writes its record). Every
+rank loads the model, applies the adapter, prepares the same seeded data and trains its rows of
+each global micro-batch (shard.py). Rank 0 alone writes: the step lines (appended to the
+steps.jsonl the launcher opened), the W&B run, checkpoints, the adapter, and ``.dist/result.json``
+(status, metrics with every rank's memory), which the launcher turns into the record. A rank that
+fails writes ``.dist/error-rank<k>.json`` first, so the launcher can name the rank and the error;
+torchrun then stops the other ranks.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger("lorasweep")
+
+DIST_DIR = ".dist"
+RESULT = "result.json"
+CRASH_ENV = "LORASWEEP_TEST_CRASH_RANK"  # tests: "<rank>:<step>" raises in that rank after that step
+
+
+def error_path(run_dir: Path, rank: int) -> Path:
+    return Path(run_dir) / DIST_DIR / f"error-rank{rank}.json"
+
+
+def load_config(config: dict):
+    from omegaconf import OmegaConf
+
+    from .config import RunConfig
+
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RunConfig), config))
+
+
+def _threads(cfg, local_world: int) -> int:
+    if cfg.train.num_threads > 0:
+        return cfg.train.num_threads
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cpus // max(1, local_world))  # the node's cores shared by its ranks
+
+
+def _crash_hook(rank: int):
+    """A failure injected for tests, after a given step of a given rank."""
+    spec = os.environ.get(CRASH_ENV, "")
+    if not spec:
+        return None
+    want_rank, want_step = (int(x) for x in spec.split(":"))
+
+    def after_step(step: int) -> None:
+        if rank == want_rank and step >= want_step:
+            raise RuntimeError(f"injected failure in rank {rank} after step {step}")
+    return after_step
+
+
+def train_rank(spec: dict, rank: int, world: int, local_rank: int) -> None:
+    from . import adapter as adapter_stage
+    from . import classification as cls_stage
+    from . import data as data_stage
+    from . import evaluate as eval_stage
+    from . import model as model_stage
+    from . import preempt
+    from . import train as train_stage
+    from .checkpoint import Checkpointer
+    from .loggers import make_logger
+    from .memory import PeakTracker
+    from .record import write_json_atomic
+    from .shard import RankCheckpointer, Shard, init_timeout, own_rng
+
+    cfg = load_config(spec["config"])
+    run_dir = Path(spec["run_dir"])
+    t_start = time.perf_counter()
+    if spec["device"] == "cuda":
+        device = torch.device("cuda", local_rank)  # LOCAL_RANK picks this rank's GPU
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    torch.set_num_threads(_threads(cfg, int(os.environ.get("LOCAL_WORLD_SIZE", world))))
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=init_timeout(),
+                            **({"device_id": device} if device.type == "cuda" else {}))
+    control = dist.new_group(backend="gloo") if device.type == "cuda" else None
+    random_seed = cfg.train.seed
+    from .pipeline import _seed_everything  # the one-process run's seeding: same adapter init
+
+    _seed_everything(random_seed)
+    mem = PeakTracker(device)
+    mem.start("load")
+    loaded = model_stage.build_model(cfg.model, cfg.precision, device, cfg.train.grad_checkpointing,
+                                     frozen_base=cfg.lora.method == "lora" and cfg.lora.bias == "none")
+    autocast = model_stage.forward_autocast(cfg.precision, loaded.compute_dtype)
+    model, info = adapter_stage.apply_adapter(
+        loaded.model, cfg.lora, task=cfg.model.task, quantized=cfg.precision.quant != "none",
+        grad_checkpointing=cfg.train.grad_checkpointing,
+        source=model_stage.resolve_source(cfg.model) if cfg.lora.init == "loftq" else None)
+    classify = cfg.model.task == "sequence_classification"
+    if classify:
+        prepared = cls_stage.prepare_data(cfg.data, loaded.tokenizer, num_labels=cfg.model.num_labels,
+                                          max_seq_len=cfg.train.max_seq_len, batch_size=cfg.train.batch_size,
+                                          seed=cfg.train.seed, group_by_length=cfg.train.group_by_length,
+                                          eval_batch_size=None if cfg.eval.batch_size == "auto" else cfg.eval.batch_size)
+    else:
+        prepared = data_stage.prepare_data(cfg.data, loaded.tokenizer, max_seq_len=cfg.train.max_seq_len,
+                                           batch_size=cfg.train.batch_size, seed=cfg.train.seed,
+                                           group_by_length=cfg.train.group_by_length, packing=cfg.train.packing)
+    metrics: dict = {"time/load_s": time.perf_counter() - t_start, "params/trainable": info.trainable,
+                     "params/total": info.total,
+                     "params/trainable_pct": 100.0 * info.trainable / max(info.total, 1), **info.metrics()}
+
+    shard = Shard(model, rank=rank, world=world, device=device, head=cfg.train.loss_head, control=control)
+    if rank > 0:
+        torch.manual_seed(random_seed + rank)  # dropout draws differ by rank, as over one batch's rows
+    checkpoints = Checkpointer(run_dir, cfg.train.checkpoint_every, cfg.train.keep_checkpoints)
+    resume = checkpoints.load_latest() if spec["resume"] else None
+    if resume is not None:
+        resume = (resume[0], own_rng(resume[1], rank, world))
+
+    steps_file = open(run_dir / "steps.jsonl", "a", buffering=1) if rank == 0 else None
+    logger = (make_logger(cfg.logger, run_dir=run_dir, run_id=spec["run_id"], study=cfg.study,
+                          config=spec["config"], wandb_id=spec.get("wandb_id")) if rank == 0 else None)
+
+    def log_step(step: int, m: dict) -> None:
+        if rank == 0:
+            steps_file.write(json.dumps({"step": step, **m}) + "\n")
+            logger.log(step, m)
+
+    status, error = "completed", None
+    mem.start("train")
+    try:
+        with preempt.StopOnSignal():
+            result = train_stage.train(model, prepared.train, cfg.optimizer, cfg.train, device=device,
+                                       autocast_dtype=autocast, log=log_step, memory=mem,
+                                       show_progress=spec["show_progress"] and rank == 0,
+                                       after_step=_crash_hook(rank), checkpointer=RankCheckpointer(checkpoints, shard),
+                                       resume=resume, shard=shard)
+    except preempt.Interrupted as e:
+        status, error, result = "interrupted", str(e), None
+    del resume
+    mem.stop()
+    peaks = shard.all_objects(mem.metrics())  # every rank's memory, to rank 0
+    if rank > 0:
+        dist.destroy_process_group()
+        return
+    if steps_file is not None:
+        steps_file.close()
+    metrics.update(rank_memory(peaks))
+    if result is not None:
+        if result.resumed_from_step is not None:
+            metrics["train/resumed_from_step"] = result.resumed_from_step
+        metrics.update({"time/train_s": result.train_s, "throughput/tokens_per_s": result.tokens_per_s,
+                        "train/steps": result.steps, "train/tokens": result.tokens,
+                        "train/loss_tokens": result.loss_tokens, "train/epochs": result.epochs_done,
+                        **(result.optimizer_info or {})})
+        if result.final_loss is not None:
+            metrics["train/loss"] = result.final_loss
+            metrics["train/first_loss"] = result.first_loss
+        dist.destroy_process_group()  # rank 0 evaluates alone; the other ranks have finished
+        eval_mem = PeakTracker(device)
+        eval_mem.start("eval")
+        if cfg.eval.val_loss and prepared.val is not None:
+            score = cls_stage.evaluate if classify else eval_stage.validation_loss
+            metrics.update(score(model, prepared.val, device=device, autocast_dtype=autocast))
+        if cfg.eval.tasks:
+            from .pipeline import _benchmark, _deltas
+
+            metrics.update(_benchmark(cfg, model, loaded.tokenizer, spec.get("include_path"), run_dir, device,
+                                      "eval", spec["show_progress"], autocast))
+            metrics.update(_deltas(metrics))
+        eval_mem.close()
+        for k, v in eval_mem.metrics().items():  # rank 0's evaluation: its own figures, in the run's max
+            if k.startswith("mem/eval_"):
+                metrics[k] = metrics[k.replace("mem/", "mem/rank0/", 1)] = v
+            else:
+                metrics[k] = max(metrics.get(k, 0.0), v)
+                metrics[k.replace("mem/", "mem/rank0/", 1)] = max(metrics.get(k.replace("mem/", "mem/rank0/", 1), 0.0), v)
+        if cfg.lora.method == "lora" and cfg.train.save_adapter and result.steps > 0:
+            adapter_stage.save_adapter(model, info, run_dir / "adapter")
+        checkpoints.clear()
+    else:
+        dist.destroy_process_group()
+    if logger is not None:
+        logger.summary(metrics)
+        logger.close(0 if status == "completed" else 1)
+    write_json_atomic(run_dir / DIST_DIR / RESULT, {"status": status, "error": error, "metrics": metrics,
+                                                    "world_size": world})
+
+
+def rank_memory(peaks: list[dict]) -> dict:
+    """mem/rank<k>/<figure> for every rank, and mem/<figure> = the largest over the ranks (what the
+    busiest device needed; the planner predicts it)."""
+    out: dict = {}
+    for k, figures in enumerate(peaks):
+        for name, v in figures.items():
+            out[name.replace("mem/", f"mem/rank{k}/", 1)] = v
+            out[name] = max(out.get(name, 0.0), v)
+    return out
+
+
+def main(argv: list[str]) -> int:
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][rank " + os.environ.get("RANK", "?")
+                        + "][%(levelname)s] %(message)s")
+    spec = json.loads(Path(argv[0]).read_text())
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    try:
+        train_rank(spec, rank, world, local_rank)
+    except BaseException as e:  # noqa: BLE001 - named for the launcher, then re-raised (torchrun stops the rest)
+        from .record import write_json_atomic
+
+        write_json_atomic(error_path(Path(spec["run_dir"]), rank),
+                          {"rank": rank, "error": f"{type(e).__name__}: {e}", "time": time.time(),
+                           "traceback": traceback.format_exc()})
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

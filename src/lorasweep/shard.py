@@ -1,0 +1,133 @@
+"""One rank of a run on several processes (train.devices x train.nodes > 1, strategy ddp).
+
+Every rank iterates the same seeded micro-batches (data.Batches) and trains on its own contiguous
+rows of each one (rank 0 the first rows); the step's loss-token total is counted on the host from
+the whole global micro-batch, so it is known on every rank without communication. Each rank's loss
+is (its rows' loss sum) / (the step's total) x world, and DDP averages the gradients over the
+ranks: the result is the one-process gradient of the whole global batch. DDP all-reduces on the
+step's last micro-batch only (``no_sync`` before it).
+
+Besides the gradients, three things are agreed over the ranks, on a gloo group (host tensors, so
+a GPU never waits for them): the logged loss (summed over ranks on logging steps only), stop
+requests (preemption signals: every rank stops after the same step), and the checkpoint's RNG
+states (rank 0 writes every rank's).
+"""
+from __future__ import annotations
+
+import contextlib
+import signal
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from .checkpoint import Checkpointer, Progress, rng_state
+from .loss import batch_loss_sum
+
+MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "labels")
+ROW_WEIGHT = "row_weight"
+
+
+class LossModule(torch.nn.Module):
+    """What DDP wraps: the run's loss sum, so DDP sees the forward whose backward it reduces."""
+
+    def __init__(self, model: torch.nn.Module, head: str):
+        super().__init__()
+        self.model = model
+        self.head = head
+
+    def forward(self, inputs: dict, weight: float = 1.0) -> torch.Tensor:
+        loss = batch_loss_sum(self.model, inputs, self.head)
+        return loss if weight == 1.0 else loss * weight
+
+
+def row_slice(n_rows: int, rank: int, world: int) -> tuple[int, int]:
+    """[start, stop) of this rank's rows of an n-row micro-batch: contiguous, sizes differ by <= 1."""
+    base, extra = divmod(n_rows, world)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (rank < extra)
+
+
+class Shard:
+    def __init__(self, model: torch.nn.Module, *, rank: int, world: int, device: torch.device, head: str,
+                 control=None):
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        self.rank, self.world, self.device = rank, world, device
+        self.control = control  # a gloo group for host-side agreements (None = the default group)
+        self.ddp = DDP(LossModule(model, head), device_ids=[device.index] if device.type == "cuda" else None)
+
+    def rows(self, batch: dict) -> dict:
+        """This rank's rows of a global micro-batch. An epoch's short last micro-batch may leave a
+        rank no row: it then runs the batch's first row with weight 0 (DDP needs every rank's
+        backward; the gradient it adds is zero)."""
+        n = batch["labels"].shape[0]
+        start, stop = row_slice(n, self.rank, self.world)
+        weight = 1.0
+        if start == stop:
+            start, stop, weight = 0, 1, 0.0
+        out = {k: batch[k][start:stop] for k in MODEL_INPUTS if k in batch}
+        out[ROW_WEIGHT] = weight
+        return out
+
+    def sync(self, last: bool):
+        """Gradients are all-reduced on the step's last micro-batch only."""
+        return contextlib.nullcontext() if last else self.ddp.no_sync()
+
+    def loss_sum(self, inputs: dict, rows: dict, head: str) -> torch.Tensor:
+        return self.ddp(inputs, rows.get(ROW_WEIGHT, 1.0))
+
+    def sum_over_ranks(self, t: torch.Tensor) -> torch.Tensor:
+        t = t.detach().to("cpu", torch.float64).clone()
+        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.control)
+        return t
+
+    def agree_stop(self, signum: int | None) -> int | None:
+        """The stop request of any rank, seen by all after the same step (else ranks part ways and hang)."""
+        t = torch.tensor([signum or 0], dtype=torch.int64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.control)
+        got = int(t.item())
+        return signal.Signals(got) if got else None
+
+    def all_objects(self, obj) -> list:
+        out = [None] * self.world
+        dist.all_gather_object(out, obj, group=self.control)
+        return out
+
+    def barrier(self) -> None:
+        dist.barrier(group=self.control)
+
+
+class RankCheckpointer:
+    """Checkpoints of a DDP run: weights, optimizer, scheduler and progress are the same on every
+    rank, so rank 0 writes them; each rank's RNG state differs (dropout), so rank 0 writes all of
+    them too (``rng_ranks``). The other ranks wait until the checkpoint is on disk."""
+
+    def __init__(self, inner: Checkpointer, shard: Shard):
+        self.inner, self.shard = inner, shard
+
+    def due(self, step: int) -> bool:
+        return self.inner.due(step)
+
+    def save(self, model, opt, sched, scaler, progress: Progress):
+        states = self.shard.all_objects(rng_state())
+        path = None
+        if self.shard.rank == 0:
+            path = self.inner.save(model, opt, sched, scaler, progress,
+                                   extra={"rng_ranks": states, "world_size": self.shard.world})
+        self.shard.barrier()
+        return path
+
+
+def own_rng(state: dict, rank: int, world: int) -> dict:
+    """A checkpoint's state with ``rng`` set to this rank's stream (when it was saved by as many ranks)."""
+    ranks = state.get("rng_ranks")
+    if ranks and len(ranks) == world:
+        return {**state, "rng": ranks[rank]}
+    return state
+
+
+def init_timeout() -> timedelta:
+    import os
+
+    return timedelta(seconds=float(os.environ.get("LORASWEEP_DIST_TIMEOUT_S", 600)))
