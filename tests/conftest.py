@@ -12,6 +12,21 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import torch  # noqa: E402
+
+# This process's view of the GPUs is fixed now (CUDA reads CUDA_VISIBLE_DEVICES once), before the
+# fixture below hides them from the subprocesses of CPU tests.
+GPU = torch.cuda.is_available()
+
+
+@pytest.fixture(autouse=True)
+def _cpu_unless_gpu_marked(request, monkeypatch):
+    """Tests pin CPU values (losses to 1e-5, RSS, run ids), so on a GPU machine they must not run on
+    the GPU: compose() pins train.device=cpu in this process; their `lorasweep` subprocesses see no GPU.
+    Tests marked gpu see the machine as it is."""
+    if request.node.get_closest_marker("gpu") is None:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+
 
 @pytest.fixture(autouse=True)
 def _wandb_dirs(tmp_path_factory, monkeypatch):
@@ -31,6 +46,8 @@ def compose(*overrides: str):
 
     register_schema()
     GlobalHydra.instance().clear()
+    if not any(o.lstrip("+~").startswith("train.device=") for o in overrides):
+        overrides = (*overrides, "train.device=cpu")  # CPU values stay CPU values on a GPU machine
     with initialize_config_dir(config_dir=conf_dir(), version_base=None):
         cfg = hcompose(config_name="config", overrides=list(overrides))
     return to_run_config(cfg)

@@ -60,8 +60,9 @@ def eligible(cfg: RunConfig) -> bool:
 
 
 def _key(cfg: RunConfig, device: torch.device) -> str:
-    return json.dumps([asdict(cfg.model), asdict(cfg.precision), str(device), cfg.train.grad_checkpointing],
-                      sort_keys=True)
+    # lora.bias: a base loaded for a frozen-bias run may store its linears in 16 bits (model.load_kwargs)
+    return json.dumps([asdict(cfg.model), asdict(cfg.precision), str(device), cfg.train.grad_checkpointing,
+                       cfg.lora.bias], sort_keys=True)
 
 
 @dataclass
@@ -91,7 +92,8 @@ def acquire(cfg: RunConfig, device: torch.device) -> tuple[model_stage.LoadedMod
     global _entry
     if eligible(cfg) and _entry is not None and _entry.key == _key(cfg, device):
         return _entry.loaded, True
-    loaded = model_stage.build_model(cfg.model, cfg.precision, device, cfg.train.grad_checkpointing)
+    loaded = model_stage.build_model(cfg.model, cfg.precision, device, cfg.train.grad_checkpointing,
+                                     frozen_base=cfg.lora.method == "lora" and cfg.lora.bias == "none")
     if eligible(cfg):
         _entry = _Entry(_key(cfg, device), loaded, weights_hash(loaded.model),
                         getattr(loaded.model.config, "use_cache", None))

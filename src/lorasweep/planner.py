@@ -19,6 +19,14 @@ BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "int8": 1, "nf4": 0.5, "fp4"
 BNB_BLOCK = 64  # bitsandbytes 4-bit block size: one absmax constant per 64 weights
 BNB_DQ_BLOCK = 256  # double quantization: absmax in 8 bits, one fp32 constant per 256 absmax
 BNB_8BIT_MIN = 4096  # bitsandbytes 8-bit optimizers keep 32-bit states for smaller tensors
+BNB_8BIT_BLOCK = 256  # 8-bit optimizer states: one fp32 absmax per 256 values
+BNB_PAGED_MIN = 100_000  # paged optimizers page only tensors this large; smaller states are plain CUDA tensors
+# CUDA: what the device holds beyond torch's peak allocated figure, for planner.budget_gb: the CUDA
+# context (driver, cuBLAS/cuDNN handles and kernels; ~0.5 GB on an H100 with lazy module loading)
+# and the caching allocator's rounding and fragmentation (peak reserved / peak allocated - 1).
+# Estimates; benchmarks/gpu_check.py measures both on the machine it runs on.
+CUDA_CONTEXT_GB = 0.6
+CUDA_ALLOCATOR_SLACK = 0.10
 
 # Process RSS of a `lorasweep` run whose model is negligible (tiny_llama): python, torch,
 # transformers, peft, hydra, the data and the CPU kernels' own buffers. Calibrated here.
@@ -53,11 +61,24 @@ class Plan:
     # transient working memory of the adapter's initialisation (PiSSA's SVD, OLoRA's QR), one module
     # at a time, before any activation exists; the peak is the larger of init and training
     init_gb: float = 0.0
+    # mixed precision: the 16-bit copies autocast makes of fp32 linear weights and keeps for backward
+    autocast_copies_gb: float = 0.0
+
+    @property
+    def device_gb(self) -> float:
+        """What the device must hold, compared with planner.budget_gb: the peak itself on a CPU (RSS
+        includes the process); on CUDA the peak allocated plus allocator slack and the CUDA context."""
+        if self.device != "cuda":
+            return self.peak_gb
+        return self.peak_gb * (1 + CUDA_ALLOCATOR_SLACK) + CUDA_CONTEXT_GB
 
     def metrics(self) -> dict[str, float]:
         keys = ("weights_gb", "quant_constants_gb", "trainable_gb", "grads_gb", "optimizer_gb",
                 "activations_gb", "runtime_gb", "peak_gb") + (("init_gb",) if self.init_gb else ())
+        keys += ("autocast_copies_gb",) if self.autocast_copies_gb else ()
         out = {f"plan/{k}": round(getattr(self, k), 4) for k in keys}
+        if self.device == "cuda":
+            out["plan/device_gb"] = round(self.device_gb, 4)
         out["plan/params_trainable"] = self.params_trainable
         out["plan/params_total"] = self.params_total
         return out
@@ -69,9 +90,13 @@ class Plan:
                 ("runtime" + (" (process baseline)" if self.device == "cpu" else ""), self.runtime_gb)]
         if self.init_gb:
             rows.append(("adapter init working memory (transient)", self.init_gb))
+        if self.autocast_copies_gb:
+            rows.append(("autocast's 16-bit weight copies", self.autocast_copies_gb))
         what = "peak RSS" if self.device == "cpu" else "peak allocated"
         lines = [f"  {name:<40s} {gb:8.3f} GB" for name, gb in rows]
         lines.append(f"  {'predicted ' + what:<40s} {self.peak_gb:8.3f} GB")
+        if self.device == "cuda":
+            lines.append(f"  {'+ allocator slack and CUDA context':<40s} {self.device_gb:8.3f} GB  (vs planner.budget_gb)")
         pct = 100.0 * self.params_trainable / max(self.params_total, 1)
         lines.append(f"  params: total {self.params_total:,}, trainable {self.params_trainable:,} ({pct:.4f}%)"
                      + (f", 4-bit {self.params_quantized:,}" if self.params_quantized else ""))
@@ -96,13 +121,17 @@ def _head_names(skeleton: torch.nn.Module, task: str) -> list[str]:
     return [h for h in HEAD_NAMES if hasattr(skeleton, h)] if task == "sequence_classification" else []
 
 
-def _optimizer_bytes(name: str, numels: list[int], param_bytes: int) -> float:
+def _optimizer_bytes(name: str, numels: list[int], param_bytes: int, device_type: str = "cpu") -> float:
     if name == "adamw":
         return sum(2 * n * param_bytes for n in numels)
     if name == "sgd":
         return sum(n * param_bytes for n in numels)  # momentum buffer (none when momentum=0)
-    # 8-bit AdamW: two 1-byte states (+ one fp32 absmax per 2048) for big tensors, fp32 for small ones
-    return sum(2 * n * (1 + 4 / 2048) if n >= BNB_8BIT_MIN else 2 * n * 4 for n in numels)
+    # 8-bit AdamW: two 1-byte states (+ one fp32 absmax per 256) for big tensors, fp32 for small ones.
+    # Paged on CUDA: tensors of 100k+ elements live in unified memory, outside torch's allocated
+    # figure; the smaller ones (LoRA A/B of r=8 on 4096 wide layers: 32k) are ordinary CUDA tensors.
+    paged = name == "paged_adamw_8bit" and device_type == "cuda"
+    return sum(0.0 if paged and n >= BNB_PAGED_MIN else
+               2 * n * (1 + 4 / BNB_8BIT_BLOCK) if n >= BNB_8BIT_MIN else 2 * n * 4 for n in numels)
 
 
 def plan(cfg: RunConfig, skeleton: torch.nn.Module, device_type: str = "cpu", seq_len: int | None = None,
@@ -120,8 +149,9 @@ def plan(cfg: RunConfig, skeleton: torch.nn.Module, device_type: str = "cpu", se
     # The dtype the forward runs in, and the dtype non-quantized base parameters are stored in.
     if quant:
         cdt = pr.compute_dtype if pr.compute_dtype != "auto" else ("bfloat16" if device_type == "cuda" else "float32")
-        # peft's prepare_model_for_kbit_training upcasts every non-4-bit parameter to fp32
-        other_dt = "float32"
+        # peft's prepare_model_for_kbit_training upcasts every non-4-bit parameter to fp32; the run
+        # casts the frozen ones back (model.keep_compute_dtype): activations in the compute dtype
+        other_dt = cdt
         act_dt = cdt
     else:
         other_dt = pr.weights_dtype
@@ -138,6 +168,19 @@ def plan(cfg: RunConfig, skeleton: torch.nn.Module, device_type: str = "cpu", se
             n_total += p.numel()
     n_other = n_total - n_quant
     weights = n_other * BYTES[other_dt] + n_quant * BYTES[pr.quant if quant else other_dt]
+    # Mixed precision: autocast runs every linear in 16 bits. A LoRA run stores its frozen linears so
+    # (model.load_kwargs; norms and embeddings, and a head tied to them, stay fp32); otherwise each
+    # fp32 linear weight gets a 16-bit copy per forward, kept for backward.
+    autocast_copies = 0.0
+    if pr.autocast != "none" and not quant and pr.weights_dtype == "float32":
+        non_linear = {id(q) for m in skeleton.modules() if not isinstance(m, torch.nn.Linear)
+                      for q in m.parameters(recurse=False)}
+        n_lin = sum(q.numel() for m in skeleton.modules() if isinstance(m, torch.nn.Linear)
+                    for q in m.parameters(recurse=False) if id(q) not in non_linear)
+        if lo.method == "lora" and lo.bias == "none" and cfg.model.task == "causal_lm":
+            weights -= n_lin * (4 - BYTES[pr.autocast])
+        else:
+            autocast_copies = n_lin * BYTES[pr.autocast]
     qconst = 0.0
     if quant:
         blocks = n_quant / BNB_BLOCK
@@ -183,12 +226,12 @@ def plan(cfg: RunConfig, skeleton: torch.nn.Module, device_type: str = "cpu", se
         trainable_gb = 0.0  # they are base weights, counted above
     n_trainable = sum(trainable_numels)
     grads = n_trainable * train_bytes_per
-    optim = _optimizer_bytes(cfg.optimizer.name, trainable_numels, train_bytes_per)
+    optim = _optimizer_bytes(cfg.optimizer.name, trainable_numels, train_bytes_per, device_type)
     if cfg.optimizer.name == "sgd" and cfg.optimizer.momentum == 0:
         optim = 0.0
     if cfg.optimizer.name == "paged_adamw_8bit" and device_type == "cuda":
-        notes.append("paged optimizer states live in CUDA unified memory, outside torch's allocated figure")
-        optim = 0.0
+        notes.append(f"paged optimizer states of tensors >= {BNB_PAGED_MIN:,} elements live in CUDA unified "
+                     "memory, outside torch's allocated figure")
 
     # Activations for one micro-batch at the full sequence length (the worst case).
     seq = min(seq_len, tr.max_seq_len) if seq_len else tr.max_seq_len
@@ -201,8 +244,9 @@ def plan(cfg: RunConfig, skeleton: torch.nn.Module, device_type: str = "cpu", se
     per_layer = ACT_H * h + ACT_I * inter + ACT_KV * kv
     # LoRA keeps A's output (r) per module; with dropout > 0 also the dropped copy of the input and
     # its 1-byte mask (with dropout 0, lora_A reads the very tensor the base layer already keeps).
-    lora_in = sum(m.in_features for m in lora_modules.values()) * ((1 + 1 / e) if lo.dropout > 0 else 0)
-    lora_per_layer = (lora_in + sum(ranks.values())) / max(layers, 1)
+    x_bytes, r_bytes = _lora_saved_bytes(pr, lo.dropout, device_type)
+    lora_in = sum(m.in_features for m in lora_modules.values()) * x_bytes / e  # in units of e bytes
+    lora_per_layer = (lora_in + sum(ranks.values()) * r_bytes / e) / max(layers, 1)
     dora_transient = 0.0
     if lo.method == "lora" and lo.use_dora:
         # DoRA keeps the base output and the scaled LoRA output of every module for the magnitude's
@@ -241,8 +285,11 @@ def plan(cfg: RunConfig, skeleton: torch.nn.Module, device_type: str = "cpu", se
     if device_type == "cpu":
         act *= CPU_ACT_SLACK
     act += dora_transient
+    if quant and device_type == "cuda":
+        # bitsandbytes dequantizes one layer's weight to the compute dtype per matmul (forward and backward)
+        act += max((m.in_features * m.out_features for m in quantized.values()), default=0) * e
     runtime = CPU_RUNTIME_GB * GB if device_type == "cpu" else 0.0
-    peak = weights + qconst + trainable_gb * GB + grads + optim + act + runtime
+    peak = weights + qconst + trainable_gb * GB + grads + optim + act + runtime + autocast_copies
     # the init transient comes before gradients, optimizer states and activations exist
     peak = max(peak, weights + qconst + trainable_gb * GB + runtime + init_bytes)
     if init_bytes:
@@ -255,7 +302,33 @@ def plan(cfg: RunConfig, skeleton: torch.nn.Module, device_type: str = "cpu", se
                 params_quantized=n_quant, weights_gb=weights / GB, quant_constants_gb=qconst / GB,
                 trainable_gb=trainable_gb, grads_gb=grads / GB, optimizer_gb=optim / GB,
                 activations_gb=act / GB, runtime_gb=runtime / GB, peak_gb=peak / GB, tokens=tokens, notes=notes,
-                init_gb=init_bytes / GB)
+                init_gb=init_bytes / GB, autocast_copies_gb=autocast_copies / GB)
+
+
+def _lora_saved_bytes(pr, dropout: float, device_type: str) -> tuple[float, float]:
+    """Bytes kept for backward per element of a LoRA module's input, and per element of lora_A's
+    output (r per token), by what peft's forward does in each precision:
+    - no autocast: x is cast to the adapter's fp32 (a new tensor when x is 16-bit, as in bf16_true:
+      lora_A keeps it even with dropout 0); dropout keeps its output and a 1-byte mask;
+    - autocast (mixed; 4-bit with a 16-bit compute dtype, where peft's bnb layer skips the cast on
+      CUDA): lora_A keeps the 16-bit cast of its input; dropout adds its mask."""
+    autocast = pr.autocast if pr.autocast != "none" else None
+    if pr.quant != "none":
+        cdt = pr.compute_dtype if pr.compute_dtype != "auto" else ("bfloat16" if device_type == "cuda" else "float32")
+        autocast = cdt if cdt != "float32" and device_type == "cuda" else None
+        x_dt = cdt
+    else:
+        x_dt = pr.weights_dtype
+    drop = dropout > 0
+    if autocast is not None:
+        a = BYTES[autocast]
+        # a 16-bit x is itself what lora_A keeps (the base layer keeps nothing of a frozen linear's input
+        # beyond what the layer count already holds); an fp32 x (mixed) is cast, a new 16-bit tensor
+        x = (a + 1 if drop else (a if BYTES[x_dt] == 4 else 0.0))
+        return x, a
+    if drop:
+        return 4 + 1, 4
+    return (4.0 if BYTES[x_dt] < 4 else 0.0), 4
 
 
 def _init_working_bytes(lo, modules: dict, ranks: dict, weight_bytes: float) -> float:

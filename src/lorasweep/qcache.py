@@ -38,7 +38,7 @@ def cache_key(name_or_path: str, src: str, quant: str, double_quant: bool, cdtyp
 
 
 def quantize_to(src: str, dst: str, quant: str, double_quant: bool, cdtype: str, device_map: str,
-                trust_remote_code: bool) -> None:
+                trust_remote_code: bool, attn_implementation: str = "auto") -> None:
     """Child-process body: load with bitsandbytes from the full-precision source, save 4-bit."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
@@ -46,13 +46,16 @@ def quantize_to(src: str, dst: str, quant: str, double_quant: bool, cdtype: str,
     q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant, bnb_4bit_use_double_quant=double_quant,
                            bnb_4bit_compute_dtype=dtype)
     dm = int(device_map) if device_map.isdigit() else device_map
+    # the run's attention implementation here too: a model that cannot build with it fails here, once
+    attn = {} if attn_implementation == "auto" else {"attn_implementation": attn_implementation}
     model = AutoModelForCausalLM.from_pretrained(src, quantization_config=q, dtype=dtype, device_map={"": dm},
-                                                 trust_remote_code=trust_remote_code)
+                                                 trust_remote_code=trust_remote_code, **attn)
     model.save_pretrained(dst)
 
 
 def quantized_checkpoint(root: Path, name_or_path: str, src: str, quant: str, double_quant: bool,
-                         cdtype: torch.dtype, device: torch.device, trust_remote_code: bool = False) -> Path:
+                         cdtype: torch.dtype, device: torch.device, trust_remote_code: bool = False,
+                         attn_implementation: str = "auto") -> Path:
     """The cached 4-bit folder for this setting, made on first use (one maker at a time)."""
     final = root / "quantized" / cache_key(name_or_path, src, quant, double_quant, cdtype, device.type)
     if (final / DONE).exists():
@@ -64,7 +67,8 @@ def quantized_checkpoint(root: Path, name_or_path: str, src: str, quant: str, do
             return final
         tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=".tmp-"))
         dm = str(device.index if device.type == "cuda" and device.index is not None else device.type)
-        args = [src, str(tmp), quant, bool(double_quant), str(cdtype).replace("torch.", ""), dm, trust_remote_code]
+        args = [src, str(tmp), quant, bool(double_quant), str(cdtype).replace("torch.", ""), dm, trust_remote_code,
+                attn_implementation]
         log.info("quantizing %s to %s once (cached under %s)", name_or_path, quant, final)
         code = f"import json,sys; from lorasweep.qcache import quantize_to; quantize_to(*json.loads(sys.argv[1]))"
         env = dict(os.environ, HF_HUB_DISABLE_PROGRESS_BARS="1", TRANSFORMERS_VERBOSITY="error")

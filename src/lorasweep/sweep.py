@@ -8,6 +8,7 @@ machine, and note the run's outcome in <sweep dir>/outcomes.jsonl.
 """
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import os
@@ -16,13 +17,16 @@ from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, open_dict, read_write
 
 log = logging.getLogger("lorasweep")
 OUTCOMES = "outcomes.jsonl"
 # Set by the launching process; job processes (submitit local, SLURM) inherit the environment.
 ENV_SIZE = "LORASWEEP_SWEEP_SIZE"
 ENV_GPUS = "LORASWEEP_SWEEP_GPUS"
+ENV_AT_ONCE = "LORASWEEP_SWEEP_AT_ONCE"
+ENV_LAUNCH_CVD = "LORASWEEP_LAUNCH_CUDA_VISIBLE_DEVICES"  # the launching shell's own value, or UNSET
+UNSET = "<unset>"
 
 _failed_runs = 0  # set at multirun end; read by cli.main for the exit code
 
@@ -60,7 +64,51 @@ def visible_gpus() -> list[str]:
     try:
         return [str(i) for i in range(len(os.listdir("/proc/driver/nvidia/gpus")))]
     except OSError:
-        return []
+        pass
+    # containers often hide /proc/driver/nvidia but pass the device files in
+    return [str(i) for i in range(len(glob.glob("/dev/nvidia[0-9]*")))]
+
+
+def parallel_cap(at_once: int | None, n_gpus: int, runs_per_gpu: int = 1) -> int | None:
+    """The runs a process-per-run launcher may start at once on ``n_gpus`` GPUs: at most
+    ``runs_per_gpu`` per GPU (two runs on one GPU share its memory and its time, and each one's
+    figures are then no longer its own). None when ``at_once`` (None = the whole grid) already fits."""
+    if n_gpus <= 0:
+        return None
+    limit = n_gpus * max(1, runs_per_gpu)
+    return limit if at_once is None or at_once > limit else None
+
+
+def _cap_to_gpus(config: DictConfig, gpus: list[str]) -> None:
+    """launcher=parallel / submitit_local on a GPU machine: no more runs at once than parallel_cap."""
+    if not str(config.hydra.launcher.get("_target_", "")).endswith("submitit_launcher.LocalLauncher"):
+        return
+    if not gpus or config.train.get("device", "auto") == "cpu" or "max_batch_size" not in config.hydra.sweeper:
+        return
+    per_gpu = int(config.get("runs_per_gpu", 1) or 1)
+    at_once = config.hydra.sweeper.max_batch_size
+    cap = parallel_cap(at_once, len(gpus), per_gpu)
+    if cap is None:
+        return
+    with read_write(config.hydra), open_dict(config.hydra):
+        config.hydra.sweeper.max_batch_size = cap  # read by the sweeper, which Hydra makes after this callback
+    os.environ[ENV_AT_ONCE] = str(cap)  # jobs compose their own config: tell them for their thread share
+    log.info("%s runs at a time on %d GPU(s): %d (runs_per_gpu=%d; set runs_per_gpu=N to share a GPU)",
+             "all" if at_once is None else at_once, len(gpus), cap, per_gpu)
+
+
+def job_gpu(current: str | None, sweep_gpus: list[str], job_num: int,
+            launcher_value: str | None = None) -> tuple[str, str | None]:
+    """What a process-per-run job does with CUDA_VISIBLE_DEVICES: ("set", gpu) pins it to one of the
+    GPUs the launching process saw; ("unset", None) drops the empty value submitit's local executor
+    sets (gpus_per_node=0), which would otherwise send a GPU run silently to the CPU, unless the
+    user's own environment (``launcher_value``) hid the GPUs; ("keep", current) otherwise."""
+    gpu = pin_gpu(job_num, sweep_gpus)
+    if gpu is not None:
+        return "set", gpu
+    if current is not None and not current.strip() and launcher_value is None:
+        return "unset", None
+    return "keep", current
 
 
 def _sweep_dir(config: DictConfig | None = None) -> Path:
@@ -83,7 +131,11 @@ class SweepSummary(Callback):
         (d / OUTCOMES).unlink(missing_ok=True)
         self.size = sweep_size(config)
         os.environ[ENV_SIZE] = str(self.size or "")
-        os.environ[ENV_GPUS] = ",".join(visible_gpus())
+        gpus = visible_gpus()
+        os.environ[ENV_GPUS] = ",".join(gpus)
+        os.environ[ENV_LAUNCH_CVD] = os.environ.get("CUDA_VISIBLE_DEVICES", UNSET)
+        os.environ.pop(ENV_AT_ONCE, None)
+        _cap_to_gpus(config, gpus)
         launcher = config.hydra.runtime.choices.get("launcher", "?")
         log.info("sweep of %s runs, launcher %s; results in %s/%s; sweep log in %s",
                  self.size if self.size is not None else "?", launcher, config.results_dir, config.study, d)
@@ -123,11 +175,16 @@ def job_start(cfg: DictConfig) -> None:
     threads = cfg.train.num_threads
     if launcher.endswith("submitit_launcher.LocalLauncher"):
         # Several runs share this machine: each gets its own GPU and a share of the cores.
-        gpu = pin_gpu(num, [g for g in os.environ.get(ENV_GPUS, "").split(",") if g])
-        if gpu is not None:
+        launched = os.environ.get(ENV_LAUNCH_CVD, UNSET)
+        what, gpu = job_gpu(os.environ.get("CUDA_VISIBLE_DEVICES"),
+                            [g for g in os.environ.get(ENV_GPUS, "").split(",") if g], num,
+                            None if launched == UNSET else launched)
+        if what == "set":
             os.environ["CUDA_VISIBLE_DEVICES"] = gpu
             log.info("run %d pinned to GPU %s", num + 1, gpu)
-        at_once = HydraConfig.get().sweeper.get("max_batch_size") or n or 1
+        elif what == "unset":
+            del os.environ["CUDA_VISIBLE_DEVICES"]
+        at_once = int(os.environ.get(ENV_AT_ONCE) or 0) or HydraConfig.get().sweeper.get("max_batch_size") or n or 1
         if threads == 0:
             cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
             threads = threads_per_job(cpus, min(at_once, n or at_once))
