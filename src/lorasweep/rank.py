@@ -25,7 +25,8 @@ log = logging.getLogger("lorasweep")
 
 DIST_DIR = ".dist"
 RESULT = "result.json"
-CRASH_ENV = "LORASWEEP_TEST_CRASH_RANK"  # tests: "<rank>:<step>" raises in that rank after that step
+# tests: "<rank>:<step>[:<text>]" raises in that rank after that step (of runs whose id contains <text>)
+CRASH_ENV = "LORASWEEP_TEST_CRASH_RANK"
 
 
 def error_path(run_dir: Path, rank: int) -> Path:
@@ -47,12 +48,15 @@ def _threads(cfg, local_world: int) -> int:
     return max(1, cpus // max(1, local_world))  # the node's cores shared by its ranks
 
 
-def _crash_hook(rank: int):
+def _crash_hook(rank: int, run_id: str):
     """A failure injected for tests, after a given step of a given rank."""
     spec = os.environ.get(CRASH_ENV, "")
     if not spec:
         return None
-    want_rank, want_step = (int(x) for x in spec.split(":"))
+    parts = spec.split(":")
+    want_rank, want_step = int(parts[0]), int(parts[1])
+    if len(parts) > 2 and parts[2] not in run_id:
+        return None
 
     def after_step(step: int) -> None:
         if rank == want_rank and step >= want_step:
@@ -137,7 +141,7 @@ def train_rank(spec: dict, rank: int, world: int, local_rank: int) -> None:
             result = train_stage.train(model, prepared.train, cfg.optimizer, cfg.train, device=device,
                                        autocast_dtype=autocast, log=log_step, memory=mem,
                                        show_progress=spec["show_progress"] and rank == 0,
-                                       after_step=_crash_hook(rank), checkpointer=RankCheckpointer(checkpoints, shard),
+                                       after_step=_crash_hook(rank, spec["run_id"]), checkpointer=RankCheckpointer(checkpoints, shard),
                                        resume=resume, shard=shard)
     except preempt.Interrupted as e:
         status, error, result = "interrupted", str(e), None

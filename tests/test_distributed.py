@@ -1,0 +1,141 @@
+"""One run on several processes (train.devices > 1, DDP over gloo on the CPU): the same losses and
+weights as one process on the same global batches, one record written by rank 0, and a failing
+rank that fails its run and not the sweep, leaving no process behind."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import compose
+from lorasweep import pipeline
+from lorasweep.config import ConfigError, run_id, validate
+from lorasweep.shard import row_slice
+
+# 21 examples in micro-batches of 4: each epoch ends on a one-row micro-batch, which leaves rank 1
+# no row (it runs with weight 0); accumulation 2 puts it in a short step of its own.
+ARGS = ["model=tiny_llama", "logger=none", "eval=val", "lora.dropout=0", "train.batch_size=4",
+        "train.grad_accum=2", "train.max_seq_len=80", "data.n_train=21", "data.n_val=8", "data.n_test=8",
+        "train.max_steps=20", "train.log_every=1", "train.num_threads=1", "optimizer.lr=5e-3"]
+METHODS = {"lora": ["lora=r8_a16_qv"], "full": ["lora=full"]}
+
+
+def _losses(run_dir: Path) -> list[tuple[int, float]]:
+    return [((d := json.loads(l))["step"], d["train/loss"]) for l in (run_dir / "steps.jsonl").read_text().splitlines()]
+
+
+def _cli(*args: str, cwd: Path, env: dict | None = None, timeout: int = 1200) -> subprocess.CompletedProcess:
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "lorasweep.cli", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def _leftovers(marker: str) -> list[str]:
+    """Processes still running whose command line names ``marker`` (a test's own folder)."""
+    out = []
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit() and int(p.name) != os.getpid():
+            try:
+                cmd = (p / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if marker in cmd:
+                out.append(f"{p.name}: {cmd}")
+    return out
+
+
+def test_rows_split_contiguously():
+    assert [row_slice(8, r, 2) for r in range(2)] == [(0, 4), (4, 8)]
+    assert [row_slice(5, r, 2) for r in range(2)] == [(0, 3), (3, 5)]
+    assert [row_slice(1, r, 2) for r in range(2)] == [(0, 1), (1, 1)]  # rank 1: no row
+
+
+def test_bad_combinations_refused_before_launch(tmp_path):
+    for overrides, field in ((["train.devices=2", "train.batch_size=7"], "train.batch_size=7"),
+                             (["train.devices=2", "train.nodes=2", "train.batch_size=6"], "train.batch_size=6"),
+                             (["train.devices=0"], "train.devices=0"),
+                             (["train.devices=2", "train.strategy=fsdp"], "train.strategy='fsdp'"),
+                             (["train.strategy=zero3"], "train.strategy='zero3'"),
+                             (["train.devices=2", "train.eval_every=5"], "train.eval_every=5")):
+        with pytest.raises(ConfigError) as e:
+            validate(compose(*ARGS, f"results_dir={tmp_path}", *overrides))
+        assert any(p.startswith(field) for p in e.value.problems), e.value.problems
+    assert not any(tmp_path.iterdir())  # refused before any folder
+
+
+def test_process_count_is_not_part_of_the_run_id():
+    one = compose(*ARGS)
+    assert run_id(one) == run_id(compose(*ARGS, "train.devices=2")) == run_id(compose(*ARGS, "train.devices=4"))
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    """The reference: each method on one process, global micro-batch 4."""
+    root = tmp_path_factory.mktemp("one")
+    dirs = {}
+    for name, extra in METHODS.items():
+        out = pipeline.run(compose(*ARGS, *extra, f"results_dir={root}", "study=one"), show_progress=False)
+        assert out.status == "completed", out.error
+        dirs[name] = Path(out.run_dir)
+    return dirs
+
+
+@pytest.mark.slow
+def test_two_process_sweep_matches_one_process(one_process, tmp_path):
+    """A 2-run sweep (LoRA, full fine-tuning), each run on 2 processes x 2 rows: same per-step losses
+    and final weights as one process x 4 rows; rank 0 alone wrote the run folder; memory per rank."""
+    res = _cli("-m", "launcher=local", *ARGS, "lora=r8_a16_qv,full", "train.devices=2",
+               f"results_dir={tmp_path}/r", "study=two", f"hydra.sweep.dir={tmp_path}/sweep", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    for name, ref_dir in one_process.items():
+        run_dir = tmp_path / "r" / "two" / ref_dir.name  # the same run id: same computation
+        rec = json.loads((run_dir / "record.json").read_text())
+        assert rec["status"] == "completed", rec["error"]
+        assert rec["env"]["world_size"] == 2 and rec["env"]["backend"] == "gloo"
+        got, want = _losses(run_dir), _losses(ref_dir)
+        assert [s for s, _ in got] == list(range(1, 21))  # one line per step: rank 0 alone logs
+        for (s, a), (_, b) in zip(got, want):
+            assert a == pytest.approx(b, abs=1e-5), (name, s)
+        m, ref = rec["metrics"], json.loads((ref_dir / "record.json").read_text())["metrics"]
+        assert m["val/loss"] == pytest.approx(ref["val/loss"], abs=1e-5)
+        assert m["train/tokens"] == ref["train/tokens"]  # the global count, not rank 0's share
+        for k in ("mem/rank0/train_peak_rss_gb", "mem/rank1/train_peak_rss_gb", "mem/peak_rss_gb"):
+            assert m[k] > 0, k
+        assert m["mem/peak_rss_gb"] >= max(m["mem/rank0/peak_rss_gb"], m["mem/rank1/peak_rss_gb"])
+        assert m["plan/per_rank_batch"] == 2
+        # what rank 0 (and the job) wrote; no rank folder or per-rank copy of anything
+        assert {p.name for p in run_dir.iterdir()} <= {"record.json", "steps.jsonl", "config.yaml", "adapter",
+                                                       "params.tsv", "ranks.log", ".dist"}
+        assert {p.name for p in (run_dir / ".dist").iterdir()} == {"spec-node0.json", "result.json"}
+    a = load_file(str(tmp_path / "r" / "two" / one_process["lora"].name / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(one_process["lora"] / "adapter" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=0)
+    assert not _leftovers(str(tmp_path))
+
+
+@pytest.mark.slow
+def test_failing_rank_fails_its_run_not_the_sweep(tmp_path):
+    """Rank 1 of the full fine-tuning run raises after step 2: that run is failed with rank 1's error,
+    the LoRA run after it completes, and no rank of either is left running."""
+    res = _cli("-m", "launcher=local", *ARGS, "train.max_steps=4", "lora=full,r8_a16_qv", "train.devices=2",
+               f"results_dir={tmp_path}/r", "study=crash", f"hydra.sweep.dir={tmp_path}/sweep", cwd=tmp_path,
+               env={"LORASWEEP_TEST_CRASH_RANK": "1:2:_full_"})
+    assert res.returncode == 1, res.stderr[-3000:]  # a failed run fails the sweep's exit code, not the sweep
+    records = {p.parent.name: json.loads(p.read_text()) for p in (tmp_path / "r" / "crash").glob("*/record.json")}
+    full = next(r for k, r in records.items() if "_full_" in k)
+    lora = next(r for k, r in records.items() if "_full_" not in k)
+    assert full["status"] == "failed"
+    assert full["error"] == "rank 1: RuntimeError: injected failure in rank 1 after step 2"
+    assert "injected failure" in (tmp_path / "r" / "crash" / full["run_id"] / "error.log").read_text()
+    assert lora["status"] == "completed", lora["error"]
+    outcomes = [json.loads(l) for l in (tmp_path / "sweep" / "outcomes.jsonl").read_text().splitlines()]
+    assert sorted(o["status"] for o in outcomes) == ["completed", "failed"]
+    assert not _leftovers(str(tmp_path))
