@@ -74,7 +74,8 @@ def val_batches(cfg: RunConfig, tokenizer):
     if cfg.model.task == "sequence_classification":
         prepared = cls_stage.prepare_data(cfg.data, tokenizer, num_labels=cfg.model.num_labels,
                                           max_seq_len=cfg.train.max_seq_len, batch_size=cfg.train.batch_size,
-                                          seed=cfg.train.seed, eval_batch_size=cfg.eval.batch_size)
+                                          seed=cfg.train.seed,
+                                          eval_batch_size=None if cfg.eval.batch_size == "auto" else cfg.eval.batch_size)
     else:
         prepared = data_stage.prepare_data(cfg.data, tokenizer, max_seq_len=cfg.train.max_seq_len,
                                            batch_size=cfg.train.batch_size, seed=cfg.train.seed)
