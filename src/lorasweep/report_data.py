@@ -16,7 +16,8 @@ from .record import RECORD
 
 # Config keys that never make two runs differ in what they compute.
 IGNORED_KEYS = ("reference", "results_dir", "study", "rerun", "logger", "planner", "train.num_threads",
-                "train.reuse_base", "train.device", "train.log_every", "train.save_adapter", "eval.log_samples")
+                "train.reuse_base", "train.device", "train.log_every", "train.save_adapter", "eval.log_samples",
+                "pruner", "search", "train.eval_every", "train.eval_examples")
 # Readable names for swept keys; first in this order when they vary.
 SHORT = {"lora.r": "r", "lora.alpha": "alpha", "lora.targets": "targets", "lora.trainable": "trainable",
          "lora.dropout": "dropout", "train.epochs": "epochs", "seed": "seed", "train.max_steps": "steps"}

@@ -147,6 +147,10 @@ class SweepSummary(Callback):
         outcomes = read_outcomes(_sweep_dir(config))
         _failed_runs = print_sweep(outcomes, results_dir=Path(config.results_dir) / config.study,
                                    expected=self.size)
+        from . import search
+
+        if search.is_search(config):  # the best trial, its rerun command, compute vs full runs
+            _failed_runs = search.print_result(config)
 
 
 # ------------------------------------------------------------------ job process
@@ -198,12 +202,16 @@ def job_start(cfg: DictConfig) -> None:
             cfg.train.num_threads = threads
 
 
-def note_outcome(outcome) -> None:
-    """Append one line per run; O_APPEND keeps lines whole when jobs finish at once."""
+def note_outcome(outcome, trial: int | None = None, overrides: list[str] | None = None) -> None:
+    """Append one line per run; O_APPEND keeps lines whole when jobs finish at once. A search's
+    worker notes each trial with its number and the trial's own overrides."""
     hc = HydraConfig.get()
     d = Path(hc.sweep.dir)
     d.mkdir(parents=True, exist_ok=True)
-    row = {**asdict(outcome), "job": hc.job.num, "overrides": list(hc.overrides.task)}
+    row = {**asdict(outcome), "job": hc.job.num,
+           "overrides": list(hc.overrides.task) if overrides is None else list(overrides)}
+    if trial is not None:
+        row["trial"] = trial
     line = json.dumps(row, default=str) + "\n"
     fd = os.open(d / OUTCOMES, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
@@ -217,4 +225,4 @@ def read_outcomes(sweep_dir: Path) -> list[dict]:
     if not p.exists():
         return []
     rows = [json.loads(l) for l in p.read_text().splitlines() if l.strip()]
-    return sorted(rows, key=lambda r: r.get("job", 0))
+    return sorted(rows, key=lambda r: (r.get("trial", -1), r.get("job", 0)))  # a search: in trial order
