@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import compose
+from slurm_fixture import local_slurm  # noqa: F401  (pytest fixture)
 from lorasweep import pipeline
 from lorasweep.config import ConfigError, run_id, validate
 from lorasweep.shard import row_slice
@@ -138,4 +139,21 @@ def test_failing_rank_fails_its_run_not_the_sweep(tmp_path):
     assert lora["status"] == "completed", lora["error"]
     outcomes = [json.loads(l) for l in (tmp_path / "sweep" / "outcomes.jsonl").read_text().splitlines()]
     assert sorted(o["status"] for o in outcomes) == ["completed", "failed"]
+    assert not _leftovers(str(tmp_path))
+
+
+@pytest.mark.slow
+@pytest.mark.slurm
+def test_two_process_runs_under_slurm(local_slurm, tmp_path):  # noqa: F811
+    """launcher=slurm: each run is one job whose one task starts its 2 ranks (torchrun)."""
+    res = _cli("-m", "launcher=slurm", *ARGS, "train.max_steps=3", "lora.r=2,4", "train.devices=2",
+               "train.num_threads=0", f"results_dir={tmp_path}/r", "study=sl",
+               f"hydra.launcher.partition={local_slurm.partition}", "hydra.launcher.gpus_per_node=null",
+               "hydra.launcher.cpus_per_task=2", "hydra.launcher.mem_gb=3", "hydra.launcher.timeout_min=15",
+               "hydra.launcher.array_parallelism=1", cwd=tmp_path, timeout=1500)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    recs = [json.loads(p.read_text()) for p in (tmp_path / "r" / "sl").glob("*/record.json")]
+    assert len(recs) == 2 and all(r["status"] == "completed" for r in recs), [r["error"] for r in recs]
+    assert all(r["env"]["world_size"] == 2 and r["env"].get("slurm_job_id") for r in recs)
+    assert all(r["metrics"]["mem/rank1/train_peak_rss_gb"] > 0 for r in recs)
     assert not _leftovers(str(tmp_path))

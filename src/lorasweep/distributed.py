@@ -187,9 +187,19 @@ def per_rank(cfg: RunConfig) -> RunConfig:
                                                               devices=1, nodes=1))
 
 
+def rank_config(cfg: RunConfig) -> dict:
+    """The config the ranks get. Under SLURM the job set train.num_threads to the task's CPUs
+    (sweep.job_start); one task holds all of a node's ranks, so they share those CPUs."""
+    d = to_dict(cfg)
+    cpus = os.environ.get("SLURM_CPUS_PER_TASK")
+    if cpus and cfg.train.num_threads == int(cpus):
+        d["train"]["num_threads"] = max(1, int(cpus) // cfg.train.devices)
+    return d
+
+
 def follow(cfg: RunConfig, rid: str, run_dir: Path) -> None:
     """Node k > 0 of a multi-node run: run this node's ranks; node 0 keeps the record."""
-    spec = {"config": to_dict(cfg), "run_dir": str(Path(run_dir).resolve()), "run_id": rid,
+    spec = {"config": rank_config(cfg), "run_dir": str(Path(run_dir).resolve()), "run_id": rid,
             "device": _device_type(cfg), "resume": not cfg.rerun, "show_progress": False}
     rc = run_ranks(cfg, spec, run_dir)
     if rc != 0:
@@ -246,7 +256,7 @@ def launch(cfg: RunConfig, rid: str, run_dir: Path, lease, show_progress: bool):
                                  f"{cfg.planner.budget_gb}")
         d = Path(run_dir) / DIST_DIR
         shutil.rmtree(d, ignore_errors=True)  # a previous attempt's result or errors are not this one's
-        spec = {"config": config, "run_dir": str(Path(run_dir).resolve()), "run_id": rid, "device": device,
+        spec = {"config": rank_config(cfg), "run_dir": str(Path(run_dir).resolve()), "run_id": rid, "device": device,
                 "resume": from_step is not None, "include_path": include_path,
                 "wandb_id": record.data.get("wandb_id"), "show_progress": show_progress}
         rc = run_ranks(cfg, spec, run_dir, lease)
