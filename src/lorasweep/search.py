@@ -439,8 +439,8 @@ def _tell(study, trial, status: str, metrics: dict, error: str | None, run_dir: 
     trial.set_user_attr("status", status)
     trial.set_user_attr("steps", 0 if reused else _trained_steps(run_dir, metrics))
     trial.set_user_attr("planned_steps", int(metrics.get("train/planned_steps", metrics.get("train/steps", 0)) or 0))
-    if reused:
-        trial.set_user_attr("reused", True)  # an earlier trial's run: no new compute
+    if reused or status == "elsewhere":
+        trial.set_user_attr("reused", True)  # an earlier trial's run, or one another worker trains: no new compute
     if error:
         trial.set_user_attr("error", error)
     if status == "pruned":
@@ -648,5 +648,6 @@ def print_result(config: DictConfig) -> int:
         print(f"  rerun: {rerun_command(study, best)}")
     print(f"  report: lorasweep-report {study_dir(rc)}")
     crashed = [t for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
-               if not t.user_attrs.get("interrupted") and "diverged" not in str(t.user_attrs.get("error", ""))]
+               if not t.user_attrs.get("interrupted") and not t.user_attrs.get("reused")
+               and "diverged" not in str(t.user_attrs.get("error", ""))]
     return len(crashed) + (1 if best is None else 0)

@@ -70,7 +70,8 @@ def _from_study(folder: Path, study) -> Trials:
         run_dir = t.user_attrs.get("run_dir")
         rec = read_record(run_dir) if run_dir else None
         note = (rec or {}).get("error") or t.user_attrs.get("error") or ""
-        trials.append(Trial(t.number, status, list(t.user_attrs.get("overrides", [])), t.value,
+        value = t.value if status == "completed" else None  # Optuna gives a pruned trial its last curve value
+        trials.append(Trial(t.number, status, list(t.user_attrs.get("overrides", [])), value,
                             int(t.user_attrs.get("steps", 0)), int(t.user_attrs.get("planned_steps", 0)),
                             t.user_attrs.get("run_id"), run_dir, note if status != "completed" else "",
                             dict(t.intermediate_values)))
@@ -178,6 +179,10 @@ def plot_history(tr: Trials, path: Path) -> Path | None:
             best = t.value
         xs.append(t.number)
         ys.append(best)
+    last = max(t.number for t in tr.trials)
+    if xs[-1] < last:  # the best so far holds to the last trial
+        xs.append(last)
+        ys.append(ys[-1])
     ax.step(xs, ys, where="post", color="C1", label="best so far")
     pruned = [t for t in tr.trials if t.status == "pruned" and t.curve]
     if pruned:

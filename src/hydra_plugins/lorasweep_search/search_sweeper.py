@@ -32,14 +32,18 @@ class SearchSweeper(Sweeper):
 
     def sweep(self, arguments: List[str]) -> Any:
         from lorasweep import search
+        from lorasweep.config import ConfigError
 
         assert self.config is not None and self.launcher is not None
         args = [f"{k}={v}" for k, v in self.params.items()] + list(arguments)
-        problems = search.check(self.config, args)
+        try:
+            problems = search.check(self.config, args)
+            workers = None if problems else search.prepare(self.config, list(arguments), self.max_batch_size)
+        except ConfigError as e:  # e.g. the study folder holds a study of the other direction
+            problems = e.problems
         if problems:
             print(f"lorasweep: invalid search config: {'; '.join(problems)}", file=sys.stderr)
             sys.exit(2)
-        workers = search.prepare(self.config, list(arguments), self.max_batch_size)
         sweep_dir = Path(self.config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
