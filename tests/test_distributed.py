@@ -38,7 +38,7 @@ def _cli(*args: str, cwd: Path, env: dict | None = None, timeout: int = 1200) ->
 
 
 def _leftovers(marker: str) -> list[str]:
-    """Processes still running whose command line names ``marker`` (a test's own folder)."""
+    """Ranks or torchruns still running whose command line names ``marker`` (a test's own folder)."""
     out = []
     for p in Path("/proc").iterdir():
         if p.name.isdigit() and int(p.name) != os.getpid():
@@ -46,7 +46,7 @@ def _leftovers(marker: str) -> list[str]:
                 cmd = (p / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
             except OSError:
                 continue
-            if marker in cmd:
+            if marker in cmd and ("lorasweep.rank" in cmd or "torch.distributed.run" in cmd):
                 out.append(f"{p.name}: {cmd}")
     return out
 
@@ -157,3 +157,29 @@ def test_two_process_runs_under_slurm(local_slurm, tmp_path):  # noqa: F811
     assert all(r["env"]["world_size"] == 2 and r["env"].get("slurm_job_id") for r in recs)
     assert all(r["metrics"]["mem/rank1/train_peak_rss_gb"] > 0 for r in recs)
     assert not _leftovers(str(tmp_path))
+
+
+@pytest.mark.slow
+def test_two_process_run_resumes_from_its_checkpoint(one_process, tmp_path):
+    """A 2-process LoRA run whose rank 1 fails after step 13 keeps its step-10 checkpoint (with both
+    ranks' RNG states); relaunched, it resumes there and ends as the uninterrupted one-process run."""
+    args = [*ARGS, *METHODS["lora"], "train.devices=2", "train.checkpoint_every=10",
+            f"results_dir={tmp_path}/r", "study=res"]
+    first = _cli(*args, cwd=tmp_path, env={"LORASWEEP_TEST_CRASH_RANK": "1:13"})
+    assert first.returncode == 1, first.stderr[-3000:]
+    run_dir = tmp_path / "r" / "res" / one_process["lora"].name
+    state = torch.load(run_dir / "checkpoints" / "step-00000010" / "state.pt", weights_only=True)
+    assert len(state["rng_ranks"]) == 2 and state["world_size"] == 2
+    second = _cli(*args, cwd=tmp_path)
+    assert second.returncode == 0, second.stderr[-3000:]
+    rec = json.loads((run_dir / "record.json").read_text())
+    assert rec["status"] == "completed" and rec["metrics"]["train/resumed_from_step"] == 10
+    got, want = _losses(run_dir), _losses(one_process["lora"])
+    assert [s for s, _ in got] == list(range(1, 21))
+    for (s, a), (_, b) in zip(got, want):
+        assert a == pytest.approx(b, abs=1e-5), s
+    a = load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(one_process["lora"] / "adapter" / "adapter_model.safetensors"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=0)
+    assert not (run_dir / "checkpoints").exists() and not _leftovers(str(tmp_path))
