@@ -161,7 +161,8 @@ def test_wheel_installs_and_runs_from_anywhere(tmp_path):
     (wheel,) = dist.glob("lorasweep-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     assert {"lorasweep/conf/config.yaml", "lorasweep/conf/model/tiny_llama.yaml", "lorasweep/conf/sweep/rank_alpha.yaml",
-            "lorasweep/conf/sweep/arms/alpha_1r.yaml", "lorasweep/cli.py"} <= names
+            "lorasweep/conf/sweep/arms/alpha_1r.yaml", "lorasweep/cli.py",
+            "lorasweep/conf/hydra/sweeper/search.yaml", "hydra_plugins/lorasweep_search/search_sweeper.py"} <= names
 
     venv = tmp_path / "venv"
     p = _run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", venv], cwd=tmp_path)
