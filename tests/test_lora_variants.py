@@ -6,6 +6,7 @@ base-score and save/merge round trips of PiSSA, and the refusals.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import subprocess
@@ -17,11 +18,12 @@ import torch
 
 from conftest import REPO, compose
 from lorasweep import adapter as adapter_stage
-from lorasweep import merge, pipeline, train as train_stage
+from lorasweep import merge, pipeline, switch, train as train_stage
 from lorasweep.config import ConfigError, validate
 from lorasweep.model import build_model, build_skeleton
 from lorasweep.planner import plan
 from lorasweep.record import read_record
+from lorasweep.reload import RunFolderError
 
 CPU = torch.device("cpu")
 
@@ -133,6 +135,8 @@ def test_loraplus_gives_b_matrices_lr_times_ratio_in_the_optimizer(tiny):
         sched.step()
     lrs = sorted({g["lr"] for g in opt.param_groups})
     assert lrs[1] / lrs[0] == pytest.approx(16)
+    sgd = train_stage.build_optimizer(groups, dataclasses.replace(cfg.optimizer, name="sgd"))  # LoRA+ under SGD too
+    assert sorted({g["lr"] for g in sgd.param_groups}) == pytest.approx([1e-3, 16e-3])
 
 
 @pytest.mark.parametrize("init", ["pissa", "pissa_niter_2", "olora"])
@@ -206,6 +210,9 @@ def test_each_variant_trains_tiny_llama_and_records_its_variant(tiny, name):
         assert m["optimizer/scaled_lr_tensors"] == 4
     if name == "rslora":
         assert m["lora/scaling"] == pytest.approx(16 / math.sqrt(8))
+    # the saved adapter on a fresh base, merged or not, reproduces the run's own validation loss
+    r = merge.merge_run(out.run_dir, save=False)
+    assert r["passed"] and r["score_before"]["val/loss"] == pytest.approx(m["val/loss"], abs=1e-5), r
 
 
 @pytest.fixture(scope="module")
@@ -237,6 +244,41 @@ def test_pissa_run_merges_and_reloads_to_its_recorded_score(pissa_run):
     rec = read_record(pissa_run[0])["metrics"]
     assert r["score_before"]["val/loss"] == pytest.approx(rec["val/loss"], abs=1e-5)
     assert r["score_after"]["val/loss"] == pytest.approx(rec["val/loss"], abs=1e-5)
+
+
+def test_pissa_adapter_switches_beside_a_plain_one_on_one_base(pissa_run):
+    res = switch.switch_eval(list(pissa_run))
+    for row, d in zip(res["rows"], pissa_run):
+        assert row["val/loss"] == pytest.approx(read_record(d)["metrics"]["val/loss"], abs=1e-5)
+
+
+def test_an_unconverted_pissa_adapter_is_refused_on_load(pissa_run, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(pissa_run[0], run)
+    acfg = run / "adapter" / "adapter_config.json"
+    acfg.write_text(json.dumps({**json.loads(acfg.read_text()), "init_lora_weights": "pissa"}))
+    with pytest.raises(RunFolderError, match="saved without conversion"):
+        merge.merge_run(run, save=False)
+
+
+def test_pissa_on_a_classifier_keeps_its_trained_head_in_the_saved_adapter(tmp_path):
+    from tiny_encoder import tiny_bert_dir, write_glue_folder
+
+    bert, folder = tiny_bert_dir(tmp_path), write_glue_folder(tmp_path / "sst2", n_train=32, n_dev=16, n_test=8)
+    cfg = compose("model=minilm_l6", f"model.name_or_path={bert}", "model.name=tiny_bert", "logger=none",
+                  f"results_dir={tmp_path / 'results'}", "data=sst2", f"data.path={folder}", "train.batch_size=8",
+                  "train.max_seq_len=32", "train.max_steps=4", "optimizer.lr=1e-2", "lora=r2_a4_qv",
+                  "lora.init=pissa", "lora.dropout=0", "train.num_threads=1")
+    out = pipeline.run(cfg, show_progress=False)
+    assert out.status == "completed", out.error
+    from safetensors.torch import load_file
+
+    saved = load_file(Path(out.run_dir) / "adapter" / "adapter_model.safetensors")
+    assert any("classifier" in k for k in saved) and any(".lora_A." in k for k in saved)
+    r = merge.merge_run(out.run_dir, save=False)  # peft's conversion alone would drop the head
+    assert r["passed"] and r["score_before"]["val/loss"] == pytest.approx(out.metrics["val/loss"], abs=1e-5)
 
 
 # ---------------------------------------------------------------- refusals, before any weight loads
@@ -314,6 +356,7 @@ def test_lora_variants_study_runs_every_arm_and_reports_by_variant(tmp_path):
     assert len(df) == 10 and (df["status"] == "completed").all(), df[["run_id", "status", "error"]].to_string()
     assert set(df["variant"]) == {"lora", "rslora", "dora", "pissa", "loraplus_x16"}
     md = write_report(out / "lora_variants")["md"].read_text()
-    assert "| variant |" in md.replace("| variant (baseline)", "| variant |") or "variant" in md.splitlines()[8]
-    for col in ("train time", "peak RSS GB", "val loss"):
-        assert col in md
+    assert "| variant | r | status |" in md  # one row per variant and rank (seed=0 only here)
+    for col in ("train time", "peak RSS GB", "trainable", "val loss"):
+        assert f"| {col} |" in md
+    assert "## Verdicts" in md and "variant=dora > variant=lora" in md  # the study's claims are judged

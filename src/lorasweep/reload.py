@@ -62,6 +62,11 @@ def adapter_dir(run_dir: str | Path, cfg: RunConfig) -> Path:
                              f"only LoRA runs have an adapter to merge or switch")
     if not (d / "adapter_config.json").is_file():
         raise RunFolderError(f"{run_dir}: no saved adapter in {d}; rerun with train.save_adapter=true (and train.max_steps>0)")
+    init = json.loads((d / "adapter_config.json").read_text()).get("init_lora_weights")
+    if isinstance(init, str) and init.lower().startswith(("pissa", "olora", "corda")):
+        # peft would decompose the base again on load and subtract the start a second time
+        raise RunFolderError(f"{d}: a {init} adapter saved without conversion only fits its residual base; "
+                             f"lorasweep saves PiSSA/OLoRA runs as plain LoRA (rerun with this version)")
     return d
 
 
