@@ -137,8 +137,11 @@ class SweepSummary(Callback):
         os.environ.pop(ENV_AT_ONCE, None)
         _cap_to_gpus(config, gpus)
         launcher = config.hydra.runtime.choices.get("launcher", "?")
-        log.info("sweep of %s runs, launcher %s; results in %s/%s; sweep log in %s",
-                 self.size if self.size is not None else "?", launcher, config.results_dir, config.study, d)
+        from . import search
+
+        what = f"search of {config.search.n_trials} trials" if search.is_search(config) else \
+            f"sweep of {self.size if self.size is not None else '?'} runs"
+        log.info("%s, launcher %s; results in %s/%s; sweep log in %s", what, launcher, config.results_dir, config.study, d)
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         from .summary import print_sweep
