@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     if problem:
         print(f"lorasweep-plan: {problem}", file=sys.stderr)
         return 2
-    from .config import run_id
+    from .config import resolve, run_id
     from .planner import plan_run
 
     grids = expand(a.overrides) if a.multirun else [a.overrides]
@@ -83,11 +83,13 @@ def main(argv: list[str] | None = None) -> int:
             status = 1
             continue
         budget = rc.planner.budget_gb
-        fits = "" if budget is None else ("  (fits the budget)" if p.peak_gb <= budget else f"  (OVER budget {budget} GB: would be skipped)")
-        print(f"{run_id(rc)}  [{p.device}]{fits}")
+        # on CUDA the budget holds the context and the allocator's slack too, as in a run
+        fits = "" if budget is None else ("  (fits the budget)" if p.device_gb <= budget else f"  (OVER budget {budget} GB: would be skipped)")
+        rid = run_id(resolve(rc, p.device))  # the id the run gets on that device
+        print(f"{rid}  [{p.device}]{fits}")
         print(p.table())
         print()
-        summary.append((run_id(rc), p.peak_gb))
+        summary.append((rid, p.peak_gb))
     if len(summary) > 1:
         print("predicted peaks:")
         for rid, gb in summary:
