@@ -202,9 +202,12 @@ def set_tf32(enabled: bool):
     setting. Uses torch's newer fp32_precision switch where it exists (mixing old and new raises)."""
     m = torch.backends.cuda.matmul
     if hasattr(m, "fp32_precision"):
-        prev = m.fp32_precision
-        m.fp32_precision = "tf32" if enabled else "ieee"
-        return lambda: setattr(m, "fp32_precision", prev)
+        try:
+            prev = m.fp32_precision
+            m.fp32_precision = "tf32" if enabled else "ieee"
+            return lambda: setattr(m, "fp32_precision", prev)
+        except RuntimeError:  # another library set the legacy switch: keep to that one
+            pass
     prev = m.allow_tf32
     m.allow_tf32 = enabled
     return lambda: setattr(m, "allow_tf32", prev)
@@ -214,8 +217,11 @@ def tf32_enabled() -> bool:
     m = torch.backends.cuda.matmul
     try:
         return m.fp32_precision == "tf32" if hasattr(m, "fp32_precision") else bool(m.allow_tf32)
-    except RuntimeError:  # another library used the other switch: torch refuses to say
-        return False
+    except RuntimeError:  # the legacy switch was used: torch answers only through it
+        try:
+            return bool(m.allow_tf32)
+        except RuntimeError:
+            return False
 
 
 def compute_dtype(pc: PrecisionConfig, device: torch.device) -> torch.dtype:
