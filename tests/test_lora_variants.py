@@ -154,6 +154,30 @@ def test_pissa_olora_start_equals_the_base_but_disable_adapter_does_not(tiny, in
     assert p.init_gb > 0 and "plan/init_gb" in p.metrics()
 
 
+def test_loftq_start_is_closer_to_the_full_precision_model_than_the_4bit_base(tiny, monkeypatch):
+    """The CUDA-only step of peft's LoftQ (_loftq_init_new) replaced by the same algebra on the CPU, so
+    lorasweep's part is tested here: the checkpoint it reads and the scaling it undoes."""
+    import bitsandbytes as bnb
+    import peft.utils.loftq_utils as loftq
+    from lorasweep.model import resolve_source
+
+    def cpu_init(qweight, weight, num_bits, reduced_rank):
+        residual = weight.float() - bnb.functional.dequantize_4bit(qweight.data, qweight.quant_state)
+        out = loftq._low_rank_decomposition(residual, reduced_rank=reduced_rank)
+        return out["R"], out["L"]
+
+    monkeypatch.setattr(loftq, "_loftq_init_new", cpu_init)
+    cfg = tiny("lora.init=loftq", "precision=nf4", "lora.targets=[all_linear]", "lora.r=32", "lora.alpha=64")
+    ids = _ids()
+    full = _logits(_base(tiny()), ids)
+    q_base = _base(cfg)
+    err_4bit = (_logits(q_base, ids) - full).abs().mean()
+    model, _ = adapter_stage.apply_adapter(q_base, cfg.lora, task="causal_lm", quantized=True,
+                                           source=resolve_source(cfg.model))
+    err_loftq = (_logits(model, ids) - full).abs().mean()
+    assert err_loftq < 0.5 * err_4bit, (float(err_loftq), float(err_4bit))
+
+
 def _perturb(model):
     """Stand-in for training: move every A and B."""
     g = torch.Generator().manual_seed(1)

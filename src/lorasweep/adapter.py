@@ -276,6 +276,10 @@ def _fit_loftq(model: torch.nn.Module, source: str | None) -> None:
     replace_lora_weights_loftq; CUDA only, config.validate refuses it elsewhere)."""
     from peft.utils.loftq_utils import replace_lora_weights_loftq
 
+    if source and not Path(source).is_dir():  # a hub id: its full-precision files in the hub cache
+        from huggingface_hub import snapshot_download
+
+        source = snapshot_download(source, local_files_only=True)
     replace_lora_weights_loftq(model, model_path=source)
     # peft fits B @ A to the residual, but the layer adds scaling * B @ A: undo the scaling
     with torch.no_grad():
