@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from . import model as model_stage
-from .config import RunConfig
+from .config import RunConfig, rewrites_base
 
 log = logging.getLogger("lorasweep")
 
@@ -56,7 +56,7 @@ def eligible(cfg: RunConfig) -> bool:
     initialised at load under the run's seed: reusing it would give every later seed the first
     run's head (seed 1 after seed 0 scored exactly like seed 0), so those always load afresh."""
     return (cfg.train.reuse_base and cfg.lora.method == "lora" and cfg.precision.quant == "none"
-            and cfg.model.task == "causal_lm")
+            and cfg.model.task == "causal_lm" and not rewrites_base(cfg.lora))  # PiSSA/OLoRA rewrite W
 
 
 def _key(cfg: RunConfig, device: torch.device) -> str:
