@@ -10,9 +10,9 @@ before each trial after giving freed memory back), the part of it above the resi
 the steps, and the ratios labelled / full. The losses of the two paths are compared step by step.
 
 Shapes:
-  quickstart    SmolLM2-135M, LoRA r=16 all linear, the generated arithmetic data: 8 rows of ~48
+  quickstart    SmolLM2-135M, LoRA r=8 all linear (--rank, --dropout 0.05), the generated arithmetic data: 8 rows of ~48
                 tokens with ~4 answer tokens (sweep=quickstart's batches)
-  alpaca        SmolLM2-135M, LoRA r=16 all linear, ../shared/data/alpaca/alpaca_5000.json packed
+  alpaca        SmolLM2-135M, LoRA r=8 all linear, ../shared/data/alpaca/alpaca_5000.json packed
                 into 512-token rows (answers only in the loss)
   llama3_vocab  a 2-layer Llama (h=256) with Llama-3's 128,256-token vocabulary (random init),
                 the alpaca rows' label layout with random ids: the logits' memory at Llama-3 scale
@@ -79,8 +79,8 @@ def _fresh_peak() -> float:
 
 # ---------------------------------------------------------------- shapes
 
-def _lora(base, r: int):
-    model, _ = adapter_stage.apply_adapter(base, LoraConfig(r=r, alpha=2 * r, dropout=0.05, targets=["all_linear"]),
+def _lora(base, r: int, dropout: float):
+    model, _ = adapter_stage.apply_adapter(base, LoraConfig(r=r, alpha=2 * r, dropout=dropout, targets=["all_linear"]),
                                            task="causal_lm", quantized=False)
     model.config.use_cache = False
     return model
@@ -126,7 +126,7 @@ def shape_llama3_vocab(a, smol):
                       num_attention_heads=max(1, h // 64), num_key_value_heads=max(1, h // 256),
                       max_position_embeddings=4096, tie_word_embeddings=False, use_cache=False)
     torch.manual_seed(0)
-    return _lora(LlamaForCausalLM(cfg), 16), batches
+    return _lora(LlamaForCausalLM(cfg), a.rank, a.dropout), batches
 
 
 SHAPES = {"quickstart": shape_quickstart, "alpaca": shape_alpaca, "llama3_vocab": shape_llama3_vocab}
@@ -238,6 +238,8 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=LLAMA3_VOCAB, help="llama3_vocab: vocabulary size")
     ap.add_argument("--hidden", type=int, default=None, help="llama3_vocab: width (default 256)")
     ap.add_argument("--model", default="smollm2_135m", help="quickstart/alpaca model: smollm2_135m | tiny_llama")
+    ap.add_argument("--rank", type=int, default=8, help="LoRA r on all linear layers (alpha = 2r)")
+    ap.add_argument("--dropout", type=float, default=0.05, help="LoRA dropout")
     ap.add_argument("--compile", action="store_true", help="also: eager vs train.compile on the quickstart shape")
     ap.add_argument("--json", default=None, help="also write the results here")
     a = ap.parse_args()
@@ -251,7 +253,7 @@ def main() -> None:
             base, tok, _, _ = U.build(a.model, "fp32", device)
             cache["tok"], cache["base"] = tok, base
         if load and "model" not in cache:
-            cache["model"] = _lora(cache.pop("base"), 16)
+            cache["model"] = _lora(cache.pop("base"), a.rank, a.dropout)
         return cache.get("model"), cache["tok"]
 
     results = []

@@ -1,7 +1,8 @@
 """Benchmark 1: lorasweep's training loop vs a bare PEFT loop, same model and batch shapes.
 
 Both train the same PEFT-wrapped model (LoRA r=8, alpha=16, q/v; AdamW lr 2e-4, clip 1.0) on
-fixed-length random tokens (every token trained). The harness side is lorasweep.train.train with
+fixed-length random tokens (every token trained; --answer-tokens N: only each row's last N, the
+rest masked like a prompt, where the harness's loss head skips the masked positions). The harness side is lorasweep.train.train with
 its real per-step machinery (batch collation from token lists, step records written to
 steps.jsonl, memory readings, schedule); the bare side reuses pre-built tensors. Trials alternate
 harness/bare and the LoRA weights are reset before each, so both see the same work and the
@@ -9,6 +10,7 @@ same machine state. Goal: harness tokens/s >= 0.97 x bare.
 
   python benchmarks/bench_vs_bare_peft.py --model smollm2_135m --seq 128 --batch 4 --steps 24
   python benchmarks/bench_vs_bare_peft.py --model llama2_7b_shape --device cuda --precision nf4 --seq 512
+  python benchmarks/bench_vs_bare_peft.py --model smollm2_135m --seq 48 --batch 8 --answer-tokens 4 --threads 1
 """
 from __future__ import annotations
 
@@ -42,6 +44,9 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=None, help="shape models: override the layer count")
     ap.add_argument("--hidden", type=int, default=None, help="shape models: override the width (smoke tests)")
     ap.add_argument("--grad-checkpointing", action="store_true")
+    ap.add_argument("--answer-tokens", type=int, default=0,
+                    help="train on the last N tokens of each row only, the rest masked like a prompt "
+                         "(both sides; 0 = every token)")
     ap.add_argument("--json", default=None, help="also write the results here")
     a = ap.parse_args()
     if a.threads:
@@ -71,7 +76,10 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     n_ex = a.batch * a.steps
     ids = torch.randint(4, vocab, (n_ex, a.seq), generator=g)
-    examples = [{"input_ids": r.tolist(), "labels": r.tolist()} for r in ids]
+    labels = ids.clone()
+    if a.answer_tokens:  # a prompt-masked shape: the loss on each row's last answer_tokens tokens
+        labels[:, : a.seq - a.answer_tokens] = -100
+    examples = [{"input_ids": r.tolist(), "labels": l.tolist()} for r, l in zip(ids, labels)]
     batches = Batches(examples, a.batch, pad_id=0, shuffle=True, seed=0)
     oc = OptimizerConfig(name="adamw", lr=2e-4, max_grad_norm=1.0)
     tokens = a.steps * a.batch * a.seq
@@ -86,21 +94,22 @@ def main() -> None:
                           log=record.log_step, memory=mem, show_progress=False)
         mem.close()
 
-    bare_batches = [(ids[s:s + a.batch].to(device), torch.ones(a.batch, a.seq, dtype=torch.long, device=device))
-                    for s in range(0, n_ex, a.batch)]
+    bare_batches = [(ids[s:s + a.batch].to(device), torch.ones(a.batch, a.seq, dtype=torch.long, device=device),
+                     labels[s:s + a.batch].to(device)) for s in range(0, n_ex, a.batch)]
 
     def bare(steps: int) -> None:
         opt = torch.optim.AdamW(params, lr=2e-4, weight_decay=0.0)
-        for x, m in bare_batches[:steps]:
+        for x, m, y in bare_batches[:steps]:
             with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
-                loss = model(input_ids=x, attention_mask=m, labels=x).loss
+                loss = model(input_ids=x, attention_mask=m, labels=y).loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             opt.zero_grad(set_to_none=True)
 
     print(f"model {a.model} ({info.summary_line}), precision {a.precision}, device {device}, "
-          f"batch {a.batch} x seq {a.seq}, {a.steps} steps/trial, {a.repeats} trials/side, "
+          f"batch {a.batch} x seq {a.seq}" + (f" ({a.answer_tokens} answer tokens/row)" if a.answer_tokens else "")
+          + f", {a.steps} steps/trial, {a.repeats} trials/side, "
           f"threads {torch.get_num_threads()}", flush=True)
     for fn in (harness, bare):  # warm-up: allocator, kernels, lazy imports
         reset()

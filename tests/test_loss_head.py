@@ -248,3 +248,53 @@ def test_benchmark_script_runs_both_paths_and_they_agree(tmp_path):
         assert 0 < r["labelled_per_batch"] < r["batch"] * r["seq"]  # prompts are masked: fewer positions
     assert results["llama3_vocab"]["vocab"] == 2000
     assert "speed (CPU)" in p.stdout and "labelled: torch, chunks of" in p.stdout
+
+
+@pytest.mark.slow
+def test_compile_warm_up_trains_nothing_and_is_undone():
+    """train.compile: the decoder compiled in place, a warm-up step that leaves weights, gradients
+    and RNG as they were, the same loss afterwards, and eager again after uncompile (torch.compile's
+    'eager' backend here: dynamo's tracing without inductor's C++ build)."""
+    from lorasweep import compiling
+    from lorasweep.config import TrainConfig
+    from lorasweep.data import Batches
+
+    torch.manual_seed(0)
+    model = _lora(_llama(False))
+    model.base_model.model.model.layers[0].self_attn.q_proj.lora_dropout["default"].p = 0.1  # RNG in play
+    b = _unpacked_batch(7)
+    examples = [{"input_ids": r[m.bool()].tolist(), "labels": l[m.bool()].tolist()}
+                for r, l, m in zip(b["input_ids"], b["labels"], b["attention_mask"])]
+    train = Batches(examples, 4, pad_id=0, shuffle=False, seed=0)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    rng = torch.get_rng_state()
+    assert compiling.compile_for_training(model, train, TrainConfig(compile=False), device=torch.device("cpu"),
+                                          autocast_dtype=None) == {}
+    out = compiling.compile_for_training(model, train, TrainConfig(compile=True), device=torch.device("cpu"),
+                                         autocast_dtype=None, backend="eager")
+    assert out["time/compile_s"] > 0
+    backbone = L.split_head(model).backbone
+    assert backbone._compiled_call_impl is not None
+    assert torch.equal(torch.get_rng_state(), rng)
+    for n, p in model.named_parameters():
+        assert p.grad is None and torch.equal(p, before[n]), n
+    model.eval()  # no dropout: compiled and eager give the same loss
+    compiled_loss = L.batch_loss_sum(model, b).item()
+    compiling.uncompile(model)
+    assert backbone._compiled_call_impl is None
+    assert abs(compiled_loss - L.batch_loss_sum(model, b).item()) <= 1e-4
+
+
+def test_config_field_is_checked_and_only_a_change_moves_the_run_id():
+    from conftest import compose
+    from lorasweep.config import ConfigError, config_hash, validate
+
+    with pytest.raises(ConfigError, match=r"train.loss_head='everywhere': must be labelled"):
+        validate(compose("model=tiny_llama", "train.loss_head=everywhere"))
+    default = compose("model=tiny_llama")
+    assert default.train.loss_head == "labelled" and default.train.compile is False
+    # at the defaults the hash is what it was before the fields existed; a comparison run gets its own id
+    same = config_hash(compose("model=tiny_llama", "train.loss_head=labelled", "train.compile=false"))
+    assert same == config_hash(default)
+    assert config_hash(compose("model=tiny_llama", "train.loss_head=full")) != config_hash(default)
+    assert config_hash(compose("model=tiny_llama", "train.compile=true")) != config_hash(default)

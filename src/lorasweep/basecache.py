@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from . import compiling
 from . import model as model_stage
 from .config import RunConfig, rewrites_base
 
@@ -117,6 +118,7 @@ def release(model: torch.nn.Module | None) -> bool:
             except AttributeError:
                 pass  # no hook was registered
         base.config.use_cache = _entry.use_cache
+        compiling.uncompile(base)  # train.compile ends with its run, a failed one too
         for p in base.parameters():
             p.requires_grad_(False)
         if weights_hash(base) != _entry.digest:
