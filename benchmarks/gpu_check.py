@@ -33,6 +33,7 @@ import random
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -66,7 +67,7 @@ def log(msg: str) -> None:
 def setup(args, out: Path) -> dict:
     """The environment of every child: missing packages from the wheels, lorasweep from this checkout."""
     missing = [m for m in NEEDED if not _importable(m)]
-    site = out / "site"
+    site = args.work / "site"
     if missing:
         if not args.wheels:
             raise SystemExit(f"missing {', '.join(missing)}: prepare wheels with `benchmarks/gpu_wheels.sh DIR` "
@@ -78,7 +79,7 @@ def setup(args, out: Path) -> dict:
                         "--no-cache-dir", "--upgrade", "--target", str(site), *map(str, wheels)], check=True)
     env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
                TOKENIZERS_PARALLELISM="false", WANDB_MODE="disabled",
-               LORASWEEP_CACHE=str(Path(args.cache or out / "cache").resolve()))
+               LORASWEEP_CACHE=str(Path(args.cache or args.work / "cache").resolve()))
     paths = ([str(site)] if missing else []) + [str(REPO / "src"), str(REPO / "tests"), env.get("PYTHONPATH", "")]
     env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
     if not _importable("lorasweep.conf"):
@@ -357,8 +358,12 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=None, help="optimizer steps per arm (default 30; --tiny 3)")
     ap.add_argument("--seq", type=int, default=None, help="tokens per sequence (default 512; --tiny 64)")
     ap.add_argument("--skip-tests", action="store_true")
-    ap.add_argument("--model-dir", help="where the random model is saved (reused when its shape matches)")
-    ap.add_argument("--cache", help="LORASWEEP_CACHE for the runs (quantized checkpoints); default OUT/cache")
+    ap.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "lorasweep_gpu_check"),
+                    help="big files outside --out: the random model (13.5 GB at 7B), quantized checkpoints, "
+                         "installed wheels (default: %(default)s)")
+    ap.add_argument("--model-dir", help="where the random model is saved (default WORK/model[_tiny]; reused "
+                                        "when its shape matches)")
+    ap.add_argument("--cache", help="LORASWEEP_CACHE for the runs (quantized checkpoints); default WORK/cache")
     ap.add_argument("--threads", type=int, default=0, help="train.num_threads of each arm (0: torch's default)")
     ap.add_argument("--arm-timeout", type=float, default=420)
     ap.add_argument("--tests-timeout", type=float, default=420)
@@ -367,6 +372,8 @@ def main(argv=None) -> int:
     args.seq = args.seq or (64 if args.tiny else 512)
     args.log_every = 1 if args.steps < 10 else 10
     out = Path(args.out).resolve()
+    args.work = Path(args.work).resolve()
+    args.work.mkdir(parents=True, exist_ok=True)
     (out / "runs").mkdir(parents=True, exist_ok=True)
     seconds: dict[str, float] = {}
     t = time.time()
@@ -388,7 +395,7 @@ def main(argv=None) -> int:
 
     t = time.time()
     shape = TINY_SHAPE if args.tiny else LLAMA2_7B
-    folder = Path(args.model_dir).resolve() if args.model_dir else out / "model"
+    folder = Path(args.model_dir).resolve() if args.model_dir else args.work / ("model_tiny" if args.tiny else "model")
     model = build_model(env, folder, shape, args.device, 900)
     data = long_records(out / "long.jsonl", n=args.steps + 24, words_per=max(80, args.seq // 2))
     seconds["model"] = time.time() - t

@@ -380,7 +380,8 @@ def test_gpu_check_runs_on_a_cpu_and_writes_both_files(tmp_path):
     skip), the shrunk 7B layout, two arms in fresh processes, the article comparison (~2.5 min here)."""
     out = tmp_path / "g"
     p = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), "--device", "cpu", "--tiny",
-                        "--out", str(out), "--threads", "1", "--arms", "bf16_true:adamw,nf4:adamw"],
+                        "--out", str(out), "--work", str(tmp_path / "work"), "--threads", "1",
+                        "--arms", "bf16_true:adamw,nf4:adamw"],
                        capture_output=True, text=True, timeout=1500)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     result = json.loads((out / "gpu_check.json").read_text())
