@@ -298,3 +298,29 @@ def test_config_field_is_checked_and_only_a_change_moves_the_run_id():
     assert same == config_hash(default)
     assert config_hash(compose("model=tiny_llama", "train.loss_head=full")) != config_hash(default)
     assert config_hash(compose("model=tiny_llama", "train.compile=true")) != config_hash(default)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("head", [None, "modules_to_save"], ids=["frozen_head", "head_copy_trained"])
+def test_cuda_loss_path_equals_the_models_own(head):
+    """On CUDA a plain lm_head goes to Liger's fused kernel when liger-kernel is installed (else the
+    torch chunks); an adapted head always takes the torch chunks. Same loss and gradients either way."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    device = torch.device("cuda")
+    model = _lora(_llama(True), head).to(device)
+    fused = head is None and L._liger_loss() is not None
+    assert L.describe(model, "labelled", device).startswith("labelled: liger-kernel" if fused else "labelled: torch")
+    torch.backends.cuda.matmul.allow_tf32 = False  # fp32 to fp32: the comparison is about the loss path
+    b = {k: v.to(device) for k, v in _packed_batch(8).items()}
+    model.train()
+    own = model(**b).loss
+    own.backward()
+    g_own = _grads(model)
+    model.zero_grad(set_to_none=True)
+    ours = L.batch_loss_sum(model, b) / _n_labelled(b)
+    ours.backward()
+    g_ours = _grads(model)
+    assert abs(ours.item() - own.item()) <= 1e-5
+    for n in g_own:
+        torch.testing.assert_close(g_ours[n], g_own[n], atol=1e-5, rtol=1e-4, msg=n)

@@ -40,6 +40,11 @@ LOGIT_COPIES = 3.0
 # CPU: transients on top of the saved activations (logit gradients, oneDNN scratch, blocks glibc
 # keeps); fitted on smollm2_135m fp32 LoRA, b1 x s128 (1.42 GB measured).
 CPU_ACT_SLACK = 1.6
+# 4-bit on CPU: bitsandbytes dequantizes every weight at every matmul (forward and backward) and
+# glibc keeps the freed blocks, so the second step starts higher and grows further than in fp32
+# (in-process, b4 x s256: start-to-peak 3.5 GB vs 2.65 GB). Fitted on smollm2_135m nf4: b4 x s256
+# (4.28 GB measured) and b1 x s128 (1.17 GB); the fp32 logits it once hid are gone (loss.py).
+CPU_ACT_SLACK_4BIT = 2.1
 
 
 @dataclass
@@ -290,7 +295,7 @@ def plan(cfg: RunConfig, skeleton: torch.nn.Module, device_type: str = "cpu", se
         notes.append(f"loss: output head at labelled positions only, at most {loss_rows} rows of logits at a time")
     act += tokens * 3 * h * e + loss_rows * LOGIT_COPIES * 4 * vocab
     if device_type == "cpu":
-        act *= CPU_ACT_SLACK
+        act *= CPU_ACT_SLACK_4BIT if quant else CPU_ACT_SLACK
     act += dora_transient
     if quant and device_type == "cuda":
         # bitsandbytes dequantizes one layer's weight to the compute dtype per matmul (forward and backward)
