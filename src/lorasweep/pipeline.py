@@ -228,6 +228,19 @@ def _run_env(device: torch.device, loaded, model) -> dict:
             "tf32": model_stage.tf32_enabled() if device.type == "cuda" else False}
 
 
+def prepare_run_data(cfg: RunConfig, tokenizer):
+    """The run's batches (instruction data, or classification data for a classifier); one place,
+    so a one-process run and every rank of a several-process run see the same examples."""
+    if cfg.model.task == "sequence_classification":
+        return cls_stage.prepare_data(cfg.data, tokenizer, num_labels=cfg.model.num_labels,
+                                      max_seq_len=cfg.train.max_seq_len, batch_size=cfg.train.batch_size,
+                                      seed=cfg.train.seed, group_by_length=cfg.train.group_by_length,
+                                      eval_batch_size=None if cfg.eval.batch_size == "auto" else cfg.eval.batch_size)
+    return data_stage.prepare_data(cfg.data, tokenizer, max_seq_len=cfg.train.max_seq_len,
+                                   batch_size=cfg.train.batch_size, seed=cfg.train.seed,
+                                   group_by_length=cfg.train.group_by_length, packing=cfg.train.packing)
+
+
 def _param_table(run_dir: Path, info: adapter_stage.AdapterInfo) -> None:
     lines = ["name\ttrainable\tcount"] + [f"{n}\t{t}\t{c}" for n, t, c in info.table]
     (run_dir / "params.tsv").write_text("\n".join(lines) + "\n" + f"# {info.summary_line}\n")
@@ -365,16 +378,7 @@ def _run_leased(cfg: RunConfig, rid: str, run_dir: Path, lease: Lease, show_prog
         log.info("%s | %s | targets: %s", rid, info.summary_line, ",".join(info.target_modules) or "-")
 
         classify = cfg.model.task == "sequence_classification"
-        if classify:
-            prepared = cls_stage.prepare_data(cfg.data, loaded.tokenizer, num_labels=cfg.model.num_labels,
-                                              max_seq_len=cfg.train.max_seq_len, batch_size=cfg.train.batch_size,
-                                              seed=cfg.train.seed, group_by_length=cfg.train.group_by_length,
-                                              eval_batch_size=None if cfg.eval.batch_size == "auto" else cfg.eval.batch_size)
-        else:
-            prepared = data_stage.prepare_data(cfg.data, loaded.tokenizer, max_seq_len=cfg.train.max_seq_len,
-                                               batch_size=cfg.train.batch_size, seed=cfg.train.seed,
-                                               group_by_length=cfg.train.group_by_length,
-                                               packing=cfg.train.packing)
+        prepared = prepare_run_data(cfg, loaded.tokenizer)
         steps = train_stage.total_steps(cfg.train, len(prepared.train))
         log.info("data: %d train examples, %d batches/epoch of %d; %d optimizer steps of %d sequences",
                  prepared.n_train_examples, len(prepared.train), cfg.train.batch_size, steps,

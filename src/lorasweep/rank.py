@@ -67,7 +67,6 @@ def _crash_hook(rank: int, run_id: str):
 def train_rank(spec: dict, rank: int, world: int, local_rank: int) -> None:
     from . import adapter as adapter_stage
     from . import classification as cls_stage
-    from . import data as data_stage
     from . import evaluate as eval_stage
     from . import model as model_stage
     from . import preempt
@@ -91,7 +90,7 @@ def train_rank(spec: dict, rank: int, world: int, local_rank: int) -> None:
                             **({"device_id": device} if device.type == "cuda" else {}))
     control = dist.new_group(backend="gloo") if device.type == "cuda" else None
     random_seed = cfg.train.seed
-    from .pipeline import _seed_everything  # the one-process run's seeding: same adapter init
+    from .pipeline import _seed_everything, prepare_run_data  # the one-process run's seeding and data
 
     _seed_everything(random_seed)
     mem = PeakTracker(device)
@@ -104,15 +103,7 @@ def train_rank(spec: dict, rank: int, world: int, local_rank: int) -> None:
         grad_checkpointing=cfg.train.grad_checkpointing,
         source=model_stage.resolve_source(cfg.model) if cfg.lora.init == "loftq" else None)
     classify = cfg.model.task == "sequence_classification"
-    if classify:
-        prepared = cls_stage.prepare_data(cfg.data, loaded.tokenizer, num_labels=cfg.model.num_labels,
-                                          max_seq_len=cfg.train.max_seq_len, batch_size=cfg.train.batch_size,
-                                          seed=cfg.train.seed, group_by_length=cfg.train.group_by_length,
-                                          eval_batch_size=None if cfg.eval.batch_size == "auto" else cfg.eval.batch_size)
-    else:
-        prepared = data_stage.prepare_data(cfg.data, loaded.tokenizer, max_seq_len=cfg.train.max_seq_len,
-                                           batch_size=cfg.train.batch_size, seed=cfg.train.seed,
-                                           group_by_length=cfg.train.group_by_length, packing=cfg.train.packing)
+    prepared = prepare_run_data(cfg, loaded.tokenizer)
     metrics: dict = {"time/load_s": time.perf_counter() - t_start, "params/trainable": info.trainable,
                      "params/total": info.total,
                      "params/trainable_pct": 100.0 * info.trainable / max(info.total, 1), **info.metrics()}
