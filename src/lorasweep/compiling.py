@@ -35,7 +35,7 @@ def compile_for_training(model: torch.nn.Module, train, tc: TrainConfig, *, devi
                          autocast_dtype: torch.dtype | None, backend: str | None = None) -> dict[str, float]:
     """Compile (when ``train.compile``) and warm up on the first batch; the metrics to record.
     ``backend``: torch.compile's (default inductor)."""
-    if not tc.compile:
+    if not tc.compile or tc.max_steps == 0:  # nothing to train: nothing to compile
         return {}
     t0 = time.perf_counter()
     compiled_part(model).compile(**({"backend": backend} if backend else {}))
