@@ -3,8 +3,9 @@
 torch.compile is lazy: the first forward and backward trace the model and build its kernels. A
 warm-up step on the first training batch pays for that before the clock of ``time/train_s``
 starts, and ``time/compile_s`` records it. The warm-up trains nothing: its gradients are dropped
-and the RNG streams put back, so the run then draws the same dropout masks as an eager run. A
-sequence length the warm-up did not see recompiles once inside training (as dynamic shapes).
+and the RNG streams put back, so training starts from the state it would have had without it
+(compiled dropout still draws its masks with inductor's own generator, not eager's). A sequence
+length the warm-up did not see recompiles inside training (then as dynamic shapes).
 
 The decoder backbone is compiled in place (``nn.Module.compile``: parameter names unchanged, so
 checkpoints and adapters save as usual); the output head and the chunked or fused loss stay as
