@@ -411,13 +411,7 @@ def _run_leased(cfg: RunConfig, rid: str, run_dir: Path, lease: Lease, show_prog
         if result.resumed_from_step is not None:
             metrics["train/resumed_from_step"] = result.resumed_from_step
         compiling.uncompile(model)  # validation and generation run eager
-        metrics.update({"time/train_s": result.train_s, "throughput/tokens_per_s": result.tokens_per_s,
-                        "train/steps": result.steps, "train/tokens": result.tokens,
-                        "train/loss_tokens": result.loss_tokens, "train/epochs": result.epochs_done,
-                        **(result.optimizer_info or {})})
-        if result.final_loss is not None:
-            metrics["train/loss"] = result.final_loss
-            metrics["train/first_loss"] = result.first_loss
+        metrics.update(result.metrics())
 
         mem.start("eval")
         if cfg.eval.val_loss and prepared.val is not None:

@@ -148,13 +148,7 @@ def train_rank(spec: dict, rank: int, world: int, local_rank: int) -> None:
     if result is not None:
         if result.resumed_from_step is not None:
             metrics["train/resumed_from_step"] = result.resumed_from_step
-        metrics.update({"time/train_s": result.train_s, "throughput/tokens_per_s": result.tokens_per_s,
-                        "train/steps": result.steps, "train/tokens": result.tokens,
-                        "train/loss_tokens": result.loss_tokens, "train/epochs": result.epochs_done,
-                        **(result.optimizer_info or {})})
-        if result.final_loss is not None:
-            metrics["train/loss"] = result.final_loss
-            metrics["train/first_loss"] = result.first_loss
+        metrics.update(result.metrics())
         dist.destroy_process_group()  # rank 0 evaluates alone; the other ranks have finished
         eval_mem = PeakTracker(device)
         eval_mem.start("eval")

@@ -132,6 +132,16 @@ class TrainResult:
     def tokens_per_s(self) -> float:
         return self.tokens / self.train_s if self.train_s > 0 else 0.0
 
+    def metrics(self) -> dict:
+        """The record's training figures (one place for a one-process run and rank 0 of several)."""
+        m = {"time/train_s": self.train_s, "throughput/tokens_per_s": self.tokens_per_s,
+             "train/steps": self.steps, "train/tokens": self.tokens, "train/loss_tokens": self.loss_tokens,
+             "train/epochs": self.epochs_done, **(self.optimizer_info or {})}
+        if self.final_loss is not None:
+            m["train/loss"] = self.final_loss
+            m["train/first_loss"] = self.first_loss
+        return m
+
 
 def _autocast(device: torch.device, dtype: torch.dtype | None):
     if dtype is None:
