@@ -173,6 +173,9 @@ class DataConfig:
     label_column: str = "label"
     # classification: which labelled split is scored as val/* (dev, or test when test.tsv holds labels)
     val_split: str = "dev"
+    # more training examples from other sources (sources.py), e.g. [{name: arithmetic, n: 200}]:
+    # the first n of each source's train split join this data's training rows
+    mix: List[Any] = field(default_factory=list)
 
 
 @dataclass
@@ -187,6 +190,9 @@ class EvalConfig:
     baseline: bool = False
     max_new_tokens: int = 16
     log_samples: bool = False
+    # further validation sets (sources.py): {lima: {name: alpaca, path: lima.json, n: 50}} adds
+    # val/lima/loss and val/lima/perplexity, scored like val/loss with the run's template
+    val_sets: Dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -580,6 +586,18 @@ def validate(cfg: RunConfig) -> None:
         bad("data.path", da.path, f"data={da.name} needs a local file: data.path=/path/to/file")
     if da.path and not da.path.startswith(("hf://",)) and not os.path.exists(os.path.expanduser(da.path)):
         bad("data.path", da.path, "no such file or folder; give an existing path")
+    from .sources import source_problems  # data.mix / eval.val_sets entries, each named by its place
+
+    if da.mix and cfg.model.task != "causal_lm":
+        bad("data.mix", da.mix, "mixing instruction sources is for causal_lm data; remove data.mix")
+    for i, spec in enumerate(da.mix or []):
+        p.extend(source_problems(spec, f"data.mix[{i}]", needs_n=True))
+    for name, spec in (cfg.eval.val_sets or {}).items():
+        if not re.fullmatch(r"[A-Za-z0-9_\-]+", str(name)):
+            bad("eval.val_sets", name, "a set's name becomes val/<name>/loss: use letters, digits, _ or -")
+        p.extend(source_problems(spec, f"eval.val_sets.{name}", needs_n=False))
+    if cfg.eval.val_sets and cfg.model.task != "causal_lm":
+        bad("eval.val_sets", dict(cfg.eval.val_sets), "further validation sets are for causal_lm runs; remove them")
 
     mo = cfg.model
     if not mo.name_or_path.startswith("builtin:") and not _is_hub_id(mo.name_or_path):

@@ -271,10 +271,21 @@ def cached_tokenize(rows: list[dict], tokenizer, dc: DataConfig, max_len: int) -
     return cached_examples(rows, tokenizer, settings, lambda: tokenize(rows, tokenizer, dc, max_len))[0]
 
 
+def training_rows(dc: DataConfig, raw: dict | None = None) -> list[dict]:
+    """The run's training rows: its own (capped by max_train_examples), then data.mix's sources."""
+    own = (raw or load_raw(dc))["train"]
+    rows = own[: dc.max_train_examples] if dc.max_train_examples else list(own)
+    if dc.mix:
+        from .sources import mixed_train_rows
+
+        rows = rows + mixed_train_rows(list(dc.mix))  # Batches shuffles them together by the seed
+    return rows
+
+
 def prepare_data(dc: DataConfig, tokenizer, *, max_seq_len: int, batch_size: int, seed: int,
                  group_by_length: bool = False, packing: bool = False) -> PreparedData:
     raw = load_raw(dc)
-    train_rows = raw["train"][: dc.max_train_examples] if dc.max_train_examples else raw["train"]
+    train_rows = training_rows(dc, raw)
     val_rows = raw["val"][: dc.max_val_examples] if dc.max_val_examples else raw["val"]
     train = cached_tokenize(train_rows, tokenizer, dc, max_seq_len)
     if not train:
@@ -295,12 +306,26 @@ def prepare_data(dc: DataConfig, tokenizer, *, max_seq_len: int, batch_size: int
     )
 
 
+def val_set_batches(dc: DataConfig, specs: dict, tokenizer, *, max_seq_len: int, batch_size: int,
+                    seed: int) -> dict[str, Batches]:
+    """eval.val_sets as batches, rendered and tokenized like the run's own validation split."""
+    from .sources import val_rows
+
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    out = {}
+    for name, spec in specs.items():
+        examples = cached_tokenize(val_rows(spec, dc.max_val_examples), tokenizer, dc, max_seq_len)
+        if not examples:
+            raise DataError(f"eval.val_sets.{name}: no validation example fits train.max_seq_len={max_seq_len}")
+        out[name] = Batches(examples, batch_size, pad, shuffle=False, seed=seed)
+    return out
+
+
 def longest_example(dc: DataConfig, tokenizer, max_seq_len: int) -> int | None:
     """Tokens in the longest training example (capped): what the memory plan sizes activations by."""
     if dc.name not in ("arithmetic", "alpaca", "jsonl") or (dc.name == "alpaca" and not dc.path):
         return None
-    raw = load_raw(dc)["train"]
-    rows = raw[: dc.max_train_examples] if dc.max_train_examples else raw
+    rows = training_rows(dc)
     return max((len(e["input_ids"]) for e in cached_tokenize(rows, tokenizer, dc, max_seq_len)), default=None)
 
 
@@ -309,8 +334,7 @@ def most_loss_tokens(dc: DataConfig, tokenizer, max_seq_len: int) -> int | None:
     positions the loss head sees, which the memory plan sizes the logits by."""
     if dc.name not in ("arithmetic", "alpaca", "jsonl") or (dc.name == "alpaca" and not dc.path):
         return None
-    raw = load_raw(dc)["train"]
-    rows = raw[: dc.max_train_examples] if dc.max_train_examples else raw
+    rows = training_rows(dc)
     return max((sum(l != IGNORE for l in e["labels"][1:]) for e in cached_tokenize(rows, tokenizer, dc, max_seq_len)),
                default=None)
 

@@ -28,3 +28,14 @@ def validation_loss(model: torch.nn.Module, val: Batches, *, device: torch.devic
     loss = float(total) / max(count, 1)
     return {"val/loss": loss, "val/perplexity": math.exp(min(loss, 50.0)), "val/tokens": count,
             "time/val_s": time.perf_counter() - t0}
+
+
+def named_validation_losses(model: torch.nn.Module, sets: dict[str, Batches], **kw) -> dict[str, float]:
+    """val/<name>/loss and val/<name>/perplexity for each further validation set (eval.val_sets)."""
+    out: dict[str, float] = {}
+    for name, batches in sets.items():
+        m = validation_loss(model, batches, **kw)
+        out.update({f"val/{name}/loss": m["val/loss"], f"val/{name}/perplexity": m["val/perplexity"],
+                    f"val/{name}/tokens": m["val/tokens"]})
+        out["time/val_s"] = out.get("time/val_s", 0.0) + m["time/val_s"]
+    return out

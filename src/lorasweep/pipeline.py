@@ -241,6 +241,16 @@ def prepare_run_data(cfg: RunConfig, tokenizer):
                                    group_by_length=cfg.train.group_by_length, packing=cfg.train.packing)
 
 
+def further_val_losses(cfg: RunConfig, model, tokenizer, device, autocast_dtype) -> dict:
+    """eval.val_sets: validation loss on further sets (another data set's val split), beside val/loss."""
+    if not cfg.eval.val_sets or not cfg.eval.val_loss:
+        return {}
+    sets = data_stage.val_set_batches(cfg.data, dict(cfg.eval.val_sets), tokenizer, max_seq_len=cfg.train.max_seq_len,
+                                      batch_size=cfg.train.batch_size, seed=cfg.train.seed)
+    return eval_stage.named_validation_losses(model, sets, device=device, autocast_dtype=autocast_dtype,
+                                              loss_head=cfg.train.loss_head)
+
+
 def _param_table(run_dir: Path, info: adapter_stage.AdapterInfo) -> None:
     lines = ["name\ttrainable\tcount"] + [f"{n}\t{t}\t{c}" for n, t, c in info.table]
     (run_dir / "params.tsv").write_text("\n".join(lines) + "\n" + f"# {info.summary_line}\n")
@@ -418,6 +428,10 @@ def _run_leased(cfg: RunConfig, rid: str, run_dir: Path, lease: Lease, show_prog
             score = cls_stage.evaluate if classify else functools.partial(eval_stage.validation_loss,  # + accuracy, f1
                                                                           loss_head=cfg.train.loss_head)
             metrics.update(score(model, prepared.val, device=device, autocast_dtype=autocast))
+            if not classify:
+                vs = further_val_losses(cfg, model, loaded.tokenizer, device, autocast)
+                metrics["time/val_s"] = metrics.get("time/val_s", 0.0) + vs.pop("time/val_s", 0.0)
+                metrics.update(vs)
         if cfg.eval.tasks:
             metrics.update(_benchmark(cfg, model, loaded.tokenizer, include_path, run_dir, device, "eval",
                                       show_progress, autocast))

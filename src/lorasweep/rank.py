@@ -155,6 +155,12 @@ def train_rank(spec: dict, rank: int, world: int, local_rank: int) -> None:
         if cfg.eval.val_loss and prepared.val is not None:
             score = cls_stage.evaluate if classify else eval_stage.validation_loss
             metrics.update(score(model, prepared.val, device=device, autocast_dtype=autocast))
+            if not classify:
+                from .pipeline import further_val_losses
+
+                vs = further_val_losses(cfg, model, loaded.tokenizer, device, autocast)
+                metrics["time/val_s"] = metrics.get("time/val_s", 0.0) + vs.pop("time/val_s", 0.0)
+                metrics.update(vs)
         if cfg.eval.tasks:
             from .pipeline import _benchmark, _deltas
 

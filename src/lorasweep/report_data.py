@@ -67,10 +67,19 @@ def _group_labels(cfg: dict) -> dict[str, str]:
     else:
         m = method
     sched = op.get("schedule", "constant")
-    return {"model": cfg.get("model", {}).get("name"), "data": cfg.get("data", {}).get("name"), "method": m,
+    return {"model": cfg.get("model", {}).get("name"), "data": _data_label(cfg.get("data", {})), "method": m,
             "variant": _variant(lo),
             "precision": cfg.get("precision", {}).get("name"),
             "optimizer": f"{op.get('name')}" + (f"_{sched}" if sched and sched != "constant" else "")}
+
+
+def _data_label(da: dict) -> str:
+    """The data a run trained on: its file's stem when it names one (lima, alpaca_5000), else the
+    data set's name; each data.mix source adds +<source><n> (alpaca_5000+arithmetic200)."""
+    def one(d: dict) -> str:
+        return Path(str(d["path"])).stem if d.get("path") else str(d.get("name"))
+
+    return one(da) + "".join(f"+{one(m)}{m.get('n', '')}" for m in (da.get("mix") or []) if isinstance(m, dict))
 
 
 def _variant(lo: dict) -> str:

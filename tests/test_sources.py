@@ -1,0 +1,54 @@
+"""data.mix (more training sources) and eval.val_sets (further validation sets)."""
+import json
+
+import pytest
+
+from lorasweep import data, pipeline
+from lorasweep.config import ConfigError, validate
+
+
+def _instructions(path, n=40):
+    rows = [{"instruction": f"Name a colour number {i}.", "input": "", "output": ["red", "blue", "green"][i % 3]}
+            for i in range(n)]
+    path.write_text(json.dumps(rows))
+    return str(path)
+
+
+def test_mix_adds_the_first_n_train_rows_of_each_source_and_never_its_held_out_rows(tiny, tmp_path):
+    own = _instructions(tmp_path / "colours.json")
+    cfg = tiny("data=jsonl", f"data.path={own}", "data.mix=[{name:arithmetic,n:20}]")
+    rows = data.training_rows(cfg.data)
+    own_train = data.load_raw(cfg.data)["train"]
+    arith = data.arithmetic_splits(data.DataConfig(name="arithmetic"))
+    assert rows[: len(own_train)] == own_train
+    assert rows[len(own_train):] == arith["train"][:20]
+    held_out = {r["instruction"] for r in arith["val"] + arith["test"]}
+    assert not held_out & {r["instruction"] for r in rows}  # lm-eval's arithmetic test split stays unseen
+
+
+def test_val_set_equal_to_the_runs_own_split_scores_the_same_loss(tiny, tmp_path):
+    other = _instructions(tmp_path / "colours.json")
+    cfg = tiny("train.max_steps=3", "++eval.val_sets={own:{name:arithmetic,n_train:64,n_val:16,n_test:16},colours:{name:jsonl,path:" + other + "}}")
+    out = pipeline.run(cfg, show_progress=False)
+    assert out.status == "completed", out.error
+    m = out.metrics
+    assert m["val/own/loss"] == pytest.approx(m["val/loss"], abs=1e-6)  # same rows, template and objective
+    assert m["val/own/tokens"] == m["val/tokens"]
+    assert m["val/colours/loss"] != pytest.approx(m["val/loss"], abs=1e-3)
+    assert m["val/colours/perplexity"] > 1
+
+
+@pytest.mark.parametrize("override, field", [
+    ("data.mix=[{name:arithmetic}]", "data.mix[0].n"),
+    ("data.mix=[{name:arithmetic,n:0}]", "data.mix[0].n"),
+    ("data.mix=[{name:csv,n:3}]", "data.mix[0].name"),
+    ("data.mix=[{name:jsonl,n:3}]", "data.mix[0].path"),
+    ("data.mix=[{name:jsonl,path:/no/such.json,n:3}]", "data.mix[0].path"),
+    ("data.mix=[{name:arithmetic,n:3,colour:red}]", "data.mix[0]: unknown key"),
+    ("++eval.val_sets={lima:{name:alpaca}}", "eval.val_sets.lima.path"),
+    ("++eval.val_sets={x:{name:arithmetic,n:-1}}", "eval.val_sets.x.n"),
+])
+def test_bad_sources_are_refused_naming_the_field(tiny, override, field):
+    with pytest.raises(ConfigError) as e:
+        validate(tiny(override))
+    assert field in str(e.value)
