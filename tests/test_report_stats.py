@@ -154,6 +154,16 @@ def test_verdict_unmeasured_metric_or_unknown_arm(tmp_path):
     assert v.verdict == "inconclusive" and "no completed run has precision=fp4" in v.summary
 
 
+def test_verdict_against_a_number_is_a_one_sample_interval(tmp_path):
+    below = {"metric": "eval_delta/t/acc", "compare": "precision=nf4 < 0", "article": "forgets"}
+    v = verdict(tmp_path, [0.0, 0.0, 0.0], [-0.10, -0.12, -0.08], below, metric="eval_delta/t/acc")
+    ref = stats.ttest_1samp([-0.10, -0.12, -0.08], 0.0).confidence_interval(0.95)
+    assert v.verdict == "reproduced" and "vs 0:" in v.summary
+    assert f"[{ref.low:.4g}, {ref.high:.4g}]" in v.summary
+    assert verdict(tmp_path, [0, 0, 0], [-0.1, 0.1, 0.05], below, metric="eval_delta/t/acc").verdict == "inconclusive"
+    assert verdict(tmp_path, [0, 0, 0], [0.1, 0.12, 0.08], below, metric="eval_delta/t/acc").verdict == "opposite"
+
+
 def rank_alpha_study(root, loss):
     """r in (4, 16) x alpha/r in (0.5, 2), 3 seeds; loss(r, ratio, seed) gives val/loss."""
     runs = [({"lora": {"r": r, "alpha": r * k}, "seed": s}, {"val/loss": loss(r, k, s), "mem/peak_rss_gb": 1 + r / 100})
@@ -205,7 +215,8 @@ def test_bad_claims_name_the_field(tmp_path, claim, message):
 
 
 @pytest.mark.parametrize("study", ["rank_alpha", "qlora_vs_lora", "optimizers", "epochs", "targets", "alpha_scan",
-                                   "finetune_methods", "seeds", "sst2_classification"])
+                                   "finetune_methods", "seeds", "sst2_classification", "data_quality",
+                                   "forgetting"])
 def test_study_claims_name_real_arms(study, tmp_path):
     """Every claim of every study file, on records made from the study's own grid (2 seeds each):
     each selector names an existing arm and each metric a column, so no verdict is a typo."""

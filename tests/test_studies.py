@@ -19,7 +19,7 @@ from conftest import REPO, compose
 from tiny_encoder import tiny_bert_dir, write_glue_folder
 
 STUDIES = ["rank_alpha", "qlora_vs_lora", "optimizers", "epochs", "targets", "alpha_scan",
-           "finetune_methods", "seeds", "sst2_classification"]
+           "finetune_methods", "seeds", "sst2_classification", "data_quality", "forgetting"]
 SMOKE = ["train.max_steps=2", "eval=none", "logger=none", "train.batch_size=2", "train.max_seq_len=80",
          "data.n_train=32", "data.n_val=8", "data.n_test=8"]
 
@@ -42,6 +42,27 @@ def grid(path: Path) -> list[list[str]]:
     return [list(c) for c in itertools.product(*axes)]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def instruction_files(tmp_path_factory):
+    """LORASWEEP_DATA with small generated stand-ins for lima/lima.json and alpaca/alpaca_5000.json
+    (the data_quality and forgetting studies read the user's copies from there)."""
+    import json
+    import os
+
+    root = tmp_path_factory.mktemp("data")
+    for name, n in (("lima/lima.json", 60), ("alpaca/alpaca_5000.json", 80)):
+        (root / name).parent.mkdir(parents=True)
+        rows = [{"instruction": f"Say word {i}.", "input": "", "output": f"word {i} " * (1 + i % 5)} for i in range(n)]
+        (root / name).write_text(json.dumps(rows))
+    old = os.environ.get("LORASWEEP_DATA")
+    os.environ["LORASWEEP_DATA"] = str(root)
+    yield root
+    if old is None:
+        os.environ.pop("LORASWEEP_DATA", None)
+    else:
+        os.environ["LORASWEEP_DATA"] = old
+
+
 @pytest.fixture(scope="module")
 def encoder(tmp_path_factory):
     root = tmp_path_factory.mktemp("enc")
@@ -57,7 +78,7 @@ def model_overrides(name: str, request) -> list[str]:
     return ["model=tiny_llama"]
 
 
-def test_the_nine_studies_exist():
+def test_the_studies_exist():
     names = {p.stem for p in study_files()}
     missing = set(STUDIES) - names
     assert not missing, f"missing study files: {missing}"

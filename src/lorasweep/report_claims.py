@@ -9,7 +9,7 @@ report can check against the measured arms.
         - {metric: val/loss, max_std: 2%, article: "single runs"}
 
 Forms: `compare: "A < B"` / `"A > B"` (A's mean below / above B's), `compare: "A ~ B"` (equal within
-`margin`), `best: A` (A beats every other arm, lower is better for losses, time and memory, higher
+`margin`), `compare: "A < 0"` (A against a number: a one-sample interval, e.g. on an eval_delta/ metric), `best: A` (A beats every other arm, lower is better for losses, time and memory, higher
 for the rest unless `higher_is_better` says otherwise), `max_std: m` (the spread over seeds stays
 under m). A and B name arms like a baseline does (`precision=nf4`, `optimizer=sgd, precision=nf4`);
 a key `x/y` is the ratio of two swept values (`alpha/r=2`); `precision=fp32|bf16_true` takes
@@ -55,6 +55,7 @@ class Claim:
     article: str = ""
     higher_is_better: bool | None = None
     text: str = ""
+    b_value: float | None = None   # compare: "A < 0": A against a number (e.g. a delta against the base)
 
 
 @dataclass
@@ -80,6 +81,13 @@ def _selector(text: str, where: str) -> dict:
         k, v = part.split("=", 1)
         out[k.strip()] = v.strip()
     return out
+
+
+def _number(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None
 
 
 def _margin_value(m: Any) -> float | None:
@@ -136,8 +144,10 @@ def parse_claims(reference: dict | None) -> list[Claim]:
                 raise ReportError(f"{where}.margin: 'A ~ B' needs a margin > 0 (the largest difference that "
                                   "still counts as equal), e.g. margin: 2%")
             text = f"{m.group(1)} {op} {m.group(3)}"
+            b_value = _number(m.group(3))
             out.append(Claim(kind="compare", a=_selector(m.group(1), f"{where}.compare"), op=op,
-                             b=_selector(m.group(3), f"{where}.compare"), text=text + _per_text(per), **common))
+                             b={} if b_value is not None else _selector(m.group(3), f"{where}.compare"),
+                             b_value=b_value, text=text + _per_text(per), **common))
         elif kinds == ["best"]:
             out.append(Claim(kind="best", a=_selector(c["best"], f"{where}.best"),
                              text=f"{c['best']} best" + _per_text(per), **common))
@@ -263,13 +273,21 @@ def _lower_is_better(claim: Claim, metric: str) -> bool:
     return any(s in metric for s in ("loss", "perplexity")) or metric.startswith(("time/", "mem/", "plan/"))
 
 
-def _compare(a: pd.DataFrame, b: pd.DataFrame, metric: str, claim: Claim, op: str, label_a: str, label_b: str):
-    d = welch_interval(a[metric], b[metric])
-    ea, eb = t_interval(a[metric]), t_interval(b[metric])
+def _compare(a: pd.DataFrame, b: pd.DataFrame | float, metric: str, claim: Claim, op: str, label_a: str,
+             label_b: str):
+    constant = not isinstance(b, pd.DataFrame)
+    # against a number: a one-sample t-interval (Welch with a zero-spread B has A's n - 1 dof)
+    d = welch_interval(a[metric], [float(b)] * 2 if constant else b[metric])
+    ea = t_interval(a[metric])
     m = _abs_margin(claim.margin, d.mean_b)
     ratio = f", {d.mean_a / d.mean_b:.2f}x" if d.mean_b not in (0,) and not math.isnan(d.mean_b) else ""
-    nums = (f"{label_a} {_fmt(ea.mean)} ± {_fmt(ea.half_width, 2)} (n={ea.n}) vs {label_b} {_fmt(eb.mean)} ± "
-            f"{_fmt(eb.half_width, 2)} (n={eb.n}): diff {_fmt(d.diff)} [{_fmt(d.low)}, {_fmt(d.high)}]{ratio}")
+    if constant:
+        other = f"{_fmt(float(b))}"
+    else:
+        eb = t_interval(b[metric])
+        other = f"{label_b} {_fmt(eb.mean)} ± {_fmt(eb.half_width, 2)} (n={eb.n})"
+    nums = (f"{label_a} {_fmt(ea.mean)} ± {_fmt(ea.half_width, 2)} (n={ea.n}) vs {other}: "
+            f"diff {_fmt(d.diff)} [{_fmt(d.low)}, {_fmt(d.high)}]{ratio}")
     if m:
         nums += f", margin {_fmt(m)}"
     if not d.known:
@@ -308,7 +326,7 @@ def evaluate_claim(df: pd.DataFrame, claim: Claim) -> Verdict:
         prefix = f"{gname}: " if gname else ""
         if claim.kind == "compare":
             a, wa = _select(g, claim.a)
-            b, wb = _select(g, claim.b)
+            b, wb = (claim.b_value, None) if claim.b_value is not None else _select(g, claim.b)
             if wa or wb:
                 results.append(("inconclusive", prefix + (wa or wb)))
                 continue
