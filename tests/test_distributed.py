@@ -61,7 +61,9 @@ def test_bad_combinations_refused_before_launch(tmp_path):
     for overrides, field in ((["train.devices=2", "train.batch_size=7"], "train.batch_size=7"),
                              (["train.devices=2", "train.nodes=2", "train.batch_size=6"], "train.batch_size=6"),
                              (["train.devices=0"], "train.devices=0"),
-                             (["train.devices=2", "train.strategy=fsdp"], "train.strategy='fsdp'"),
+                             (["train.devices=2", "train.strategy=fsdp", "precision=nf4"], "train.strategy='fsdp'"),
+                             (["train.devices=2", "train.strategy=fsdp", "train.checkpoint_every=5"],
+                              "train.checkpoint_every=5"),
                              (["train.strategy=zero3"], "train.strategy='zero3'"),
                              (["train.devices=2", "train.eval_every=5"], "train.eval_every=5")):
         with pytest.raises(ConfigError) as e:
@@ -120,6 +122,46 @@ def test_two_process_sweep_matches_one_process(one_process, tmp_path):
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=0)
     assert not _leftovers(str(tmp_path))
+
+
+@pytest.mark.slow
+def test_fsdp_two_process_sweep_matches_one_process(one_process, tmp_path):
+    """FSDP2 (fully_shard, gloo on the CPU): weights, gradients and optimizer states sharded over 2
+    ranks train LoRA and full fine-tuning to the one-process losses, val loss and adapter."""
+    res = _cli("-m", "launcher=local", *ARGS, "lora=r8_a16_qv,full", "train.devices=2", "train.strategy=fsdp",
+               f"results_dir={tmp_path}/r", "study=two", f"hydra.sweep.dir={tmp_path}/sweep", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    for name, ref_dir in one_process.items():
+        run_dir = tmp_path / "r" / "two" / ref_dir.name
+        rec = json.loads((run_dir / "record.json").read_text())
+        assert rec["status"] == "completed", rec["error"]
+        assert rec["env"]["world_size"] == 2 and rec["config"]["train"]["strategy"] == "fsdp"
+        got, want = _losses(run_dir), _losses(ref_dir)
+        assert [s for s, _ in got] == list(range(1, 21))
+        for (s, a), (_, b) in zip(got, want):
+            assert a == pytest.approx(b, abs=1e-4), (name, s)
+        ref = json.loads((ref_dir / "record.json").read_text())["metrics"]
+        assert rec["metrics"]["val/loss"] == pytest.approx(ref["val/loss"], abs=1e-4)
+    a = load_file(str(tmp_path / "r" / "two" / one_process["lora"].name / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(one_process["lora"] / "adapter" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-4, rtol=0)
+    assert not _leftovers(str(tmp_path))
+
+
+def test_planner_shards_fsdp_state_per_rank():
+    from lorasweep.distributed import per_rank
+    from lorasweep.planner import plan_run
+
+    base = ["model=tiny_llama", "lora=full", "train.batch_size=4", "train.max_seq_len=64"]
+    one = plan_run(compose(*base), "cpu", seq_len=None)
+    ddp = plan_run(per_rank(compose(*base, "train.devices=2")), "cpu", seq_len=None)
+    fsdp = plan_run(per_rank(compose(*base, "train.devices=2", "train.strategy=fsdp")), "cpu", seq_len=None)
+    assert ddp.optimizer_gb == pytest.approx(one.optimizer_gb) and ddp.grads_gb == pytest.approx(one.grads_gb)
+    assert fsdp.optimizer_gb == pytest.approx(one.optimizer_gb / 2) and fsdp.grads_gb == pytest.approx(one.grads_gb / 2)
+    assert fsdp.weights_gb == pytest.approx(one.weights_gb / 2 + one.weights_gb / 2)  # half + one of 2 blocks
+    assert ddp.activations_gb < one.activations_gb  # each rank's half of the global micro-batch
 
 
 @pytest.mark.slow

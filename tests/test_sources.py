@@ -52,3 +52,17 @@ def test_bad_sources_are_refused_naming_the_field(tiny, override, field):
     with pytest.raises(ConfigError) as e:
         validate(tiny(override))
     assert field in str(e.value)
+
+
+def test_run_ids_of_existing_settings_do_not_move():
+    """Fields added later (data.mix, eval.val_sets, ...) at their defaults leave every run id as it was:
+    a moved id makes a sweep retrain runs it already has. Pinned ids of this release's configs."""
+    from conftest import compose
+    from lorasweep.config import run_id
+
+    assert run_id(compose("model=tiny_llama", "train.device=cpu")) == PINNED_TINY
+    assert run_id(compose("sweep=qlora_vs_lora", "precision=fp32", "seed=0", "train.device=cpu")) == "smollm2_135m_r8a16-qv_fp32_adamw_s0-d57aa490"
+    assert run_id(compose("model=tiny_llama", "data.mix=[{name:arithmetic,n:20}]")) != PINNED_TINY
+
+
+PINNED_TINY = "tiny_llama_r8a16-qv_fp32_adamw_s0-05480ef4"

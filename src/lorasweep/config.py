@@ -146,7 +146,8 @@ class TrainConfig:
     eval_examples: int = 32  # the first N validation examples: the same subset for every run
     # One run on several processes (distributed.py): devices = processes per node (1 = one process,
     # no torch.distributed), nodes = SLURM nodes; strategy ddp (each rank a full copy, gradients
-    # all-reduced) | fsdp (not available yet). batch_size stays the GLOBAL micro-batch, split by rows.
+    # all-reduced) | fsdp (FSDP2: weights, gradients and optimizer states sharded over the ranks).
+    # batch_size stays the GLOBAL micro-batch, split by rows.
     devices: int = 1
     nodes: int = 1
     strategy: str = "ddp"
@@ -325,6 +326,10 @@ def config_hash(cfg: RunConfig) -> str:
     for k, default in LORA_VARIANT_DEFAULTS.items():
         if d["lora"].get(k) == default:
             d["lora"].pop(k, None)
+    if not d["data"].get("mix"):  # fields added later: at their empty default, ids stay what they were
+        d["data"].pop("mix", None)
+    if "eval" in d and not d["eval"].get("val_sets"):
+        d["eval"].pop("val_sets", None)
     blob = json.dumps(d, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:8]
 
@@ -479,7 +484,14 @@ def _check_distributed(cfg: RunConfig, bad) -> None:
     if world == 1:
         return
     if tr.strategy == "fsdp":
-        bad("train.strategy", tr.strategy, "fsdp is not available yet; use train.strategy=ddp")
+        if cfg.precision.quant != "none":  # peft's QLoRA+FSDP needs bnb_4bit_quant_storage; users report silent failures
+            bad("train.strategy", tr.strategy, "fsdp with a 4-bit base is refused (bitsandbytes' quant_storage "
+                "path is untested here); use precision=bf16_true or fp32 with fsdp, or strategy=ddp")
+        if tr.checkpoint_every > 0:
+            bad("train.checkpoint_every", tr.checkpoint_every, "fsdp runs write no step checkpoints yet; "
+                "set train.checkpoint_every=0 or use train.strategy=ddp")
+        if tr.grad_checkpointing:
+            bad("train.grad_checkpointing", tr.grad_checkpointing, "not tested with fsdp yet; set it false or use ddp")
     if tr.batch_size % world:
         bad("train.batch_size", tr.batch_size, f"is the global micro-batch and must divide evenly over "
             f"train.devices x train.nodes = {world} processes (e.g. train.batch_size={max(1, tr.batch_size // world) * world})")

@@ -179,12 +179,12 @@ def _latest_checkpoint_step(checkpoints) -> int | None:
 
 
 def per_rank(cfg: RunConfig) -> RunConfig:
-    """What one rank computes: the run at its per-rank micro-batch (the planner's input)."""
+    """What one rank computes: the run at its per-rank micro-batch (the planner's input; it keeps
+    devices, nodes and strategy, which decide what each rank holds)."""
     import dataclasses
 
     tr = cfg.train
-    return dataclasses.replace(cfg, train=dataclasses.replace(tr, batch_size=max(1, tr.batch_size // world_size(tr)),
-                                                              devices=1, nodes=1))
+    return dataclasses.replace(cfg, train=dataclasses.replace(tr, batch_size=max(1, tr.batch_size // world_size(tr))))
 
 
 def rank_config(cfg: RunConfig) -> dict:

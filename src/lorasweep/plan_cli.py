@@ -77,7 +77,10 @@ def main(argv: list[str] | None = None) -> int:
             status = 2
             continue
         try:
-            p = plan_run(rc, device_type=None if a.device == "auto" else a.device)
+            from .distributed import per_rank
+
+            # several processes (train.devices x nodes): one rank's share of the batch and of the model
+            p = plan_run(per_rank(rc), device_type=None if a.device == "auto" else a.device)
         except Exception as e:  # noqa: BLE001
             print(f"lorasweep-plan: {run_id(rc)}: cannot plan: {e}", file=sys.stderr)
             status = 1

@@ -301,7 +301,20 @@ def plan(cfg: RunConfig, skeleton: torch.nn.Module, device_type: str = "cpu", se
         # bitsandbytes dequantizes one layer's weight to the compute dtype per matmul (forward and backward)
         act += max((m.in_features * m.out_features for m in quantized.values()), default=0) * e
     runtime = CPU_RUNTIME_GB * GB if device_type == "cpu" else 0.0
+    world = tr.devices * tr.nodes  # a run on several processes: this plan is one rank's
+    loaded_whole = weights + qconst + trainable_gb * GB
+    if world > 1 and tr.strategy == "fsdp":
+        # FSDP: each rank keeps 1/world of every weight, gradient and optimizer state, and gathers one
+        # transformer block's weights at a time (an even share of the weights per block)
+        gathered = weights / max(layers, 1)
+        weights, grads, optim = weights / world + gathered, grads / world, optim / world
+        trainable_gb /= world
+        notes.append(f"fsdp over {world} ranks: weights, gradients and optimizer states / {world}, "
+                     f"plus one block gathered ({gathered / GB:.3f} GB); the model loads whole before sharding")
+    elif world > 1:
+        notes.append(f"ddp over {world} ranks: every rank holds the whole model and its optimizer states")
     peak = weights + qconst + trainable_gb * GB + grads + optim + act + runtime + autocast_copies
+    peak = max(peak, loaded_whole + runtime)  # each rank loads the whole model before it shards it
     # the init transient comes before gradients, optimizer states and activations exist
     peak = max(peak, weights + qconst + trainable_gb * GB + runtime + init_bytes)
     if init_bytes:

@@ -108,7 +108,8 @@ def train_rank(spec: dict, rank: int, world: int, local_rank: int) -> None:
                      "params/total": info.total,
                      "params/trainable_pct": 100.0 * info.trainable / max(info.total, 1), **info.metrics()}
 
-    shard = Shard(model, rank=rank, world=world, device=device, head=cfg.train.loss_head, control=control)
+    shard = Shard(model, rank=rank, world=world, device=device, head=cfg.train.loss_head, control=control,
+                  strategy=cfg.train.strategy)
     if rank > 0:
         torch.manual_seed(random_seed + rank)  # dropout draws differ by rank, as over one batch's rows
     checkpoints = Checkpointer(run_dir, cfg.train.checkpoint_every, cfg.train.keep_checkpoints)
@@ -139,6 +140,13 @@ def train_rank(spec: dict, rank: int, world: int, local_rank: int) -> None:
     del resume
     mem.stop()
     peaks = shard.all_objects(mem.metrics())  # every rank's memory, to rank 0
+    if shard.fsdp and result is not None:
+        # rank 0 evaluates and saves alone: it gathers the sharded weights into a plain copy of the model
+        full = shard.full_state_dict()
+        if rank == 0:
+            del shard, model
+            model = _plain_model(cfg, device, full)
+        del full
     if rank > 0:
         dist.destroy_process_group()
         return
@@ -184,6 +192,19 @@ def train_rank(spec: dict, rank: int, world: int, local_rank: int) -> None:
         logger.close(0 if status == "completed" else 1)
     write_json_atomic(run_dir / DIST_DIR / RESULT, {"status": status, "error": error, "metrics": metrics,
                                                     "world_size": world})
+
+
+def _plain_model(cfg, device: torch.device, state: dict) -> torch.nn.Module:
+    """The run's model built again unsharded (same base, same adapter) holding the gathered weights."""
+    from . import adapter as adapter_stage
+    from . import model as model_stage
+
+    loaded = model_stage.build_model(cfg.model, cfg.precision, device, False,
+                                     frozen_base=cfg.lora.method == "lora" and cfg.lora.bias == "none")
+    model, _ = adapter_stage.apply_adapter(loaded.model, cfg.lora, task=cfg.model.task,
+                                           quantized=cfg.precision.quant != "none", grad_checkpointing=False)
+    model.load_state_dict({k: v.to(device) for k, v in state.items()}, strict=True)
+    return model
 
 
 def rank_memory(peaks: list[dict]) -> dict:

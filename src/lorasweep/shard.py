@@ -1,4 +1,4 @@
-"""One rank of a run on several processes (train.devices x train.nodes > 1, strategy ddp).
+"""One rank of a run on several processes (train.devices x train.nodes > 1, strategy ddp or fsdp).
 
 Every rank iterates the same seeded micro-batches (data.Batches) and trains on its own contiguous
 rows of each one (rank 0 the first rows); the step's loss-token total is counted on the host from
@@ -48,14 +48,51 @@ def row_slice(n_rows: int, rank: int, world: int) -> tuple[int, int]:
     return start, start + base + (rank < extra)
 
 
-class Shard:
-    def __init__(self, model: torch.nn.Module, *, rank: int, world: int, device: torch.device, head: str,
-                 control=None):
-        from torch.nn.parallel import DistributedDataParallel as DDP
+def block_classes(model: torch.nn.Module) -> set[str]:
+    """The transformer block classes (LlamaDecoderLayer, ...): what each FSDP unit holds. Hugging
+    Face models name them in ``_no_split_modules``, the units that must stay whole on one device."""
+    names: set[str] = set()
+    for m in model.modules():
+        names.update(getattr(m, "_no_split_modules", None) or [])
+    return names
 
+
+class Shard:
+    """This rank's part of the run. ``strategy`` ddp: every rank holds the whole model, DDP all-reduces
+    the gradients. fsdp: FSDP2 (``fully_shard``) shards every parameter, gradient and optimizer state
+    over the ranks, one unit per transformer block plus the root (embeddings, final norm, head); the
+    gradients are reduce-scattered with the same mean over ranks as DDP's, so the step is the same."""
+
+    def __init__(self, model: torch.nn.Module, *, rank: int, world: int, device: torch.device, head: str,
+                 control=None, strategy: str = "ddp"):
         self.rank, self.world, self.device = rank, world, device
         self.control = control  # a gloo group for host-side agreements (None = the default group)
-        self.ddp = DDP(LossModule(model, head), device_ids=[device.index] if device.type == "cuda" else None)
+        self.fsdp = strategy == "fsdp"
+        if self.fsdp:
+            from torch.distributed.fsdp import fully_shard
+
+            self.module = LossModule(model, head)
+            blocks = block_classes(model)
+            units = [m for m in model.modules() if type(m).__name__ in blocks]
+            if not units:
+                raise RuntimeError(f"train.strategy=fsdp: no transformer blocks found in {type(model).__name__} "
+                                   "(no _no_split_modules); use train.strategy=ddp")
+            for unit in units:
+                fully_shard(unit)
+            fully_shard(self.module)  # the root: embeddings, final norm and the output head
+            self.ddp = self.module
+        else:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            self.ddp = DDP(LossModule(model, head), device_ids=[device.index] if device.type == "cuda" else None)
+
+    def full_state_dict(self) -> dict:
+        """fsdp: the whole model's weights gathered to rank 0's host memory (a collective: every rank
+        calls it); keys as the unwrapped model's own state_dict. Other ranks get {}."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        sd = get_model_state_dict(self.module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return {k[len("model."):]: v for k, v in sd.items()}
 
     def rows(self, batch: dict) -> dict:
         """This rank's rows of a global micro-batch. An epoch's short last micro-batch may leave a
@@ -71,7 +108,10 @@ class Shard:
         return out
 
     def sync(self, last: bool):
-        """Gradients are all-reduced on the step's last micro-batch only."""
+        """Gradients are all-reduced (fsdp: reduce-scattered) on the step's last micro-batch only."""
+        if self.fsdp:
+            self.module.set_requires_gradient_sync(last)
+            return contextlib.nullcontext()
         return contextlib.nullcontext() if last else self.ddp.no_sync()
 
     def loss_sum(self, inputs: dict, rows: dict, head: str) -> torch.Tensor:
@@ -110,6 +150,12 @@ class RankCheckpointer:
         return self.inner.due(step)
 
     def save(self, model, opt, sched, scaler, progress: Progress):
+        if self.shard.fsdp:  # sharded weights and optimizer states: not written yet (the config refuses
+            import logging   # checkpoint_every with fsdp; a stop signal ends the run without one)
+
+            logging.getLogger("lorasweep").warning("train.strategy=fsdp writes no checkpoint yet: an "
+                                                   "interrupted run restarts from step 0")
+            return None
         states = self.shard.all_objects(rng_state())
         path = None
         if self.shard.rank == 0:

@@ -233,6 +233,8 @@ def train(model: torch.nn.Module, train: Batches, oc: OptimizerConfig, tc: Train
         if oc.max_grad_norm is not None:
             scaler.unscale_(opt)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, oc.max_grad_norm)
+            if hasattr(grad_norm, "full_tensor"):  # FSDP: the norm is a replicated DTensor
+                grad_norm = grad_norm.full_tensor()
         else:
             grad_norm = None
         lr_used = opt.param_groups[0]["lr"]  # this step's rate; sched.step() below sets the next one
