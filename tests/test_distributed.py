@@ -185,6 +185,24 @@ def test_failing_rank_fails_its_run_not_the_sweep(tmp_path):
 
 
 @pytest.mark.slow
+def test_rank_killed_by_a_signal_is_named_and_the_sweep_goes_on(tmp_path):
+    """Rank 1 of the full fine-tuning run is SIGKILLed after step 2 (as the OOM killer would): the run
+    fails naming rank 1 and the signal, not rank 0's broken connection; the next run completes; no
+    rank is left behind."""
+    res = _cli("-m", "launcher=local", *ARGS, "train.max_steps=4", "lora=full,r8_a16_qv", "train.devices=2",
+               f"results_dir={tmp_path}/r", "study=kill", f"hydra.sweep.dir={tmp_path}/sweep", cwd=tmp_path,
+               env={"LORASWEEP_TEST_CRASH_RANK": "1:2:_full_:kill"})
+    assert res.returncode == 1, res.stderr[-3000:]
+    records = {p.parent.name: json.loads(p.read_text()) for p in (tmp_path / "r" / "kill").glob("*/record.json")}
+    full = next(r for k, r in records.items() if "_full_" in k)
+    lora = next(r for k, r in records.items() if "_full_" not in k)
+    assert full["status"] == "failed"
+    assert full["error"].startswith("rank 1 was killed by SIGKILL"), full["error"]
+    assert lora["status"] == "completed", lora["error"]
+    assert not _leftovers(str(tmp_path))
+
+
+@pytest.mark.slow
 @pytest.mark.slurm
 def test_two_process_runs_under_slurm(local_slurm, tmp_path):  # noqa: F811
     """launcher=slurm: each run is one job whose one task starts its 2 ranks (torchrun)."""

@@ -23,6 +23,7 @@ import logging
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -153,12 +154,23 @@ def root_cause(run_dir: Path, rc: int) -> str:
             errors.append(json.loads(p.read_text()))
         except (OSError, ValueError):
             pass
+    text = (Path(run_dir) / LOG).read_text(errors="replace") if (Path(run_dir) / LOG).exists() else ""
+    m = re.search(r"Root Cause.*?rank\s*:\s*(\d+).*?exitcode\s*:\s*(-?\d+).*?traceback\s*:\s*([^\n]*)", text, re.S)
+    # a rank killed from outside (SIGKILL: the OOM killer) writes no error; the others then fail
+    # on the broken connection, and theirs would be blamed: torchrun's root cause names the first
+    killed = m and int(m.group(2)) < 0 and not any(int(e.get("rank", -1)) == int(m.group(1)) for e in errors)
+    if killed:
+        sig = -int(m.group(2))
+        name = signal.Signals(sig).name if sig in signal.Signals._value2member_map_ else f"signal {sig}"
+        cause = (f"rank {m.group(1)} was killed by {name} (out of memory, or stopped from outside) with no "
+                 f"error of its own")
+        (Path(run_dir) / "error.log").write_text(cause + "\n" + "".join(
+            f"then rank {e['rank']}: {e['error']}\n{e.get('traceback', '')}" for e in errors))
+        return cause
     if errors:
         first = min(errors, key=lambda e: e.get("time", 0))
         (Path(run_dir) / "error.log").write_text(first.get("traceback", ""))
         return f"rank {first['rank']}: {first['error']}"
-    text = (Path(run_dir) / LOG).read_text(errors="replace") if (Path(run_dir) / LOG).exists() else ""
-    m = re.search(r"Root Cause.*?rank\s*:\s*(\d+).*?exitcode\s*:\s*(-?\d+).*?traceback\s*:\s*([^\n]*)", text, re.S)
     if m:
         return f"rank {m.group(1)} exited with code {m.group(2)}: {m.group(3).strip()}"
     return f"torchrun exited with code {rc} (see {Path(run_dir) / LOG})"

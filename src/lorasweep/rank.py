@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import sys
 import time
 import traceback
@@ -55,11 +56,15 @@ def _crash_hook(rank: int, run_id: str):
         return None
     parts = spec.split(":")
     want_rank, want_step = int(parts[0]), int(parts[1])
-    if len(parts) > 2 and parts[2] not in run_id:
+    if len(parts) > 2 and parts[2] not in ("", "kill") and parts[2] not in run_id:
         return None
+
+    kill = parts[-1] == "kill"  # the rank dies as the OOM killer would end it: no error of its own
 
     def after_step(step: int) -> None:
         if rank == want_rank and step >= want_step:
+            if kill:
+                os.kill(os.getpid(), signal.SIGKILL)
             raise RuntimeError(f"injected failure in rank {rank} after step {step}")
     return after_step
 
