@@ -66,3 +66,13 @@ def test_run_ids_of_existing_settings_do_not_move():
 
 
 PINNED_TINY = "tiny_llama_r8a16-qv_fp32_adamw_s0-05480ef4"
+
+
+def test_a_malformed_source_file_is_refused_before_weights_load(tiny, tmp_path, monkeypatch):
+    from lorasweep import model as model_stage
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "a", "output": "b"}\n{not json\n')
+    monkeypatch.setattr(model_stage, "build_model", lambda *a, **k: pytest.fail("weights loaded"))
+    out = pipeline.run(tiny("data.mix=[{name:jsonl,path:" + str(bad) + ",n:1}]"), show_progress=False)
+    assert out.status == "failed" and "data.mix[0]:" in out.error and "line 2 is not valid JSON" in out.error

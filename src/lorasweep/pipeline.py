@@ -108,6 +108,14 @@ def preflight(cfg: RunConfig, run_dir: Path | None = None) -> str | None:
             data_stage.load_raw(cfg.data)
         except data_stage.DataError as e:
             problems.append(str(e))
+    from .sources import source_config  # data.mix and eval.val_sets files read back before weights load
+
+    for where, spec in [(f"data.mix[{i}]", m) for i, m in enumerate(cfg.data.mix or [])] + \
+                       [(f"eval.val_sets.{k}", v) for k, v in (cfg.eval.val_sets or {}).items()]:
+        try:
+            data_stage.load_raw(source_config(spec)[0])
+        except data_stage.DataError as e:
+            problems.append(f"{where}: {e}")
     if cfg.eval.tasks and run_dir is not None:
         include_path = prepare_tasks(cfg, model_stage.load_tokenizer(cfg.model), run_dir)
         try:
