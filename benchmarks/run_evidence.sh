@@ -24,7 +24,7 @@ for study in "$@"; do
   ref=results/reference/$study
   rm -rf "$ref" && mkdir -p "$ref"
   lorasweep-report "$OUT/$study" > "$OUT/$study.report.log" 2>&1 || echo "report failed: $OUT/$study.report.log"
-  cp "$OUT/$study"/summary.md "$OUT/$study"/summary.csv "$ref"/ 2>/dev/null
+  cp "$OUT/$study"/summary.md "$OUT/$study"/summary.csv "$OUT/$study"/arms.csv "$ref"/ 2>/dev/null
   cp "$OUT/$study"/*.png "$ref"/ 2>/dev/null
   {
     echo "# How this reference was made"
