@@ -37,6 +37,14 @@ def _cli(*args: str, cwd: Path, env: dict | None = None, timeout: int = 1200) ->
                           text=True, timeout=timeout)
 
 
+def _assert_same_adapter(got_run: Path, want_run: Path, atol: float) -> None:
+    a = load_file(str(got_run / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(want_run / "adapter" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=atol, rtol=0)
+
+
 def _leftovers(marker: str) -> list[str]:
     """Ranks or torchruns still running whose command line names ``marker`` (a test's own folder)."""
     out = []
@@ -116,11 +124,7 @@ def test_two_process_sweep_matches_one_process(one_process, tmp_path):
         assert {p.name for p in run_dir.iterdir()} <= {"record.json", "steps.jsonl", "config.yaml", "adapter",
                                                        "params.tsv", "ranks.log", ".dist"}
         assert {p.name for p in (run_dir / ".dist").iterdir()} == {"spec-node0.json", "result.json"}
-    a = load_file(str(tmp_path / "r" / "two" / one_process["lora"].name / "adapter" / "adapter_model.safetensors"))
-    b = load_file(str(one_process["lora"] / "adapter" / "adapter_model.safetensors"))
-    assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=0)
+    _assert_same_adapter(tmp_path / "r" / "two" / one_process["lora"].name, one_process["lora"], atol=1e-5)
     assert not _leftovers(str(tmp_path))
 
 
@@ -142,11 +146,7 @@ def test_fsdp_two_process_sweep_matches_one_process(one_process, tmp_path):
             assert a == pytest.approx(b, abs=1e-4), (name, s)
         ref = json.loads((ref_dir / "record.json").read_text())["metrics"]
         assert rec["metrics"]["val/loss"] == pytest.approx(ref["val/loss"], abs=1e-4)
-    a = load_file(str(tmp_path / "r" / "two" / one_process["lora"].name / "adapter" / "adapter_model.safetensors"))
-    b = load_file(str(one_process["lora"] / "adapter" / "adapter_model.safetensors"))
-    assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], atol=1e-4, rtol=0)
+    _assert_same_adapter(tmp_path / "r" / "two" / one_process["lora"].name, one_process["lora"], atol=1e-4)
     assert not _leftovers(str(tmp_path))
 
 
