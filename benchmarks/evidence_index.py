@@ -42,13 +42,18 @@ def main() -> None:
     for d in sorted(p for p in ROOT.iterdir() if p.is_dir()):
         md = (d / "summary.md").read_text() if (d / "summary.md").exists() else ""
         how = (d / "how.md").read_text() if (d / "how.md").exists() else ""
-        wall = re.search(r"wall time ([^\n]+)", how)
+        wall = re.search(r"wall time (\d+ min(?: \d+ s)?)", how)
         runs = re.search(r"^(\d+ runs?: [^\n]+)", md, re.M)
         parts.append(f"## [{d.name}]({d.name}/summary.md)\n")
         parts.append(f"{runs.group(1).rstrip('.') if runs else 'no summary'}"
-                     + (f"; wall time {wall.group(1).split(',')[0]}" if wall else "") + ".\n")
+                     + (f"; wall time {wall.group(1)}" if wall else "") + ".\n")
         parts.extend(verdicts(md) or ["- (no claims judged)"])
         parts.append("")
+    studies = sorted(p.stem for p in (ROOT.parents[1] / "sweeps").glob("*.yaml"))
+    missing = [s for s in studies if not (ROOT / s / "summary.md").exists() and s not in ("quickstart", "smoke")]
+    if missing:
+        parts.append("## Not yet run at evidence scale\n")
+        parts.append(", ".join(f"`{m}`" for m in missing) + ": `benchmarks/run_evidence.sh " + " ".join(missing) + "`.\n")
     (ROOT / "README.md").write_text("\n".join(parts) + "\n")
 
 
