@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import hashlib
 import json
 import logging
@@ -249,14 +248,23 @@ def prepare_run_data(cfg: RunConfig, tokenizer):
                                    group_by_length=cfg.train.group_by_length, packing=cfg.train.packing)
 
 
-def further_val_losses(cfg: RunConfig, model, tokenizer, device, autocast_dtype) -> dict:
-    """eval.val_sets: validation loss on further sets (another data set's val split), beside val/loss."""
-    if not cfg.eval.val_sets or not cfg.eval.val_loss:
+def validation_scores(cfg: RunConfig, model, prepared, tokenizer, device, autocast_dtype) -> dict:
+    """val/* on the run's own validation split, then val/<name>/* on each eval.val_sets set (the same
+    objective); time/val_s covers both. One place for a one-process run and for rank 0."""
+    if not cfg.eval.val_loss or prepared.val is None:
         return {}
-    sets = data_stage.val_set_batches(cfg.data, dict(cfg.eval.val_sets), tokenizer, max_seq_len=cfg.train.max_seq_len,
-                                      batch_size=cfg.train.batch_size, seed=cfg.train.seed)
-    return eval_stage.named_validation_losses(model, sets, device=device, autocast_dtype=autocast_dtype,
-                                              loss_head=cfg.train.loss_head)
+    if cfg.model.task == "sequence_classification":
+        return cls_stage.evaluate(model, prepared.val, device=device, autocast_dtype=autocast_dtype)  # + accuracy, f1
+    kw = dict(device=device, autocast_dtype=autocast_dtype, loss_head=cfg.train.loss_head)
+    metrics = eval_stage.validation_loss(model, prepared.val, **kw)
+    if cfg.eval.val_sets:
+        sets = data_stage.val_set_batches(cfg.data, dict(cfg.eval.val_sets), tokenizer,
+                                          max_seq_len=cfg.train.max_seq_len, batch_size=cfg.train.batch_size,
+                                          seed=cfg.train.seed)
+        more = eval_stage.named_validation_losses(model, sets, **kw)
+        metrics["time/val_s"] += more.pop("time/val_s", 0.0)
+        metrics.update(more)
+    return metrics
 
 
 def _param_table(run_dir: Path, info: adapter_stage.AdapterInfo) -> None:
@@ -432,14 +440,7 @@ def _run_leased(cfg: RunConfig, rid: str, run_dir: Path, lease: Lease, show_prog
         metrics.update(result.metrics())
 
         mem.start("eval")
-        if cfg.eval.val_loss and prepared.val is not None:
-            score = cls_stage.evaluate if classify else functools.partial(eval_stage.validation_loss,  # + accuracy, f1
-                                                                          loss_head=cfg.train.loss_head)
-            metrics.update(score(model, prepared.val, device=device, autocast_dtype=autocast))
-            if not classify:
-                vs = further_val_losses(cfg, model, loaded.tokenizer, device, autocast)
-                metrics["time/val_s"] = metrics.get("time/val_s", 0.0) + vs.pop("time/val_s", 0.0)
-                metrics.update(vs)
+        metrics.update(validation_scores(cfg, model, prepared, loaded.tokenizer, device, autocast))
         if cfg.eval.tasks:
             metrics.update(_benchmark(cfg, model, loaded.tokenizer, include_path, run_dir, device, "eval",
                                       show_progress, autocast))

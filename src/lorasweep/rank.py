@@ -71,8 +71,6 @@ def _crash_hook(rank: int, run_id: str):
 
 def train_rank(spec: dict, rank: int, world: int, local_rank: int) -> None:
     from . import adapter as adapter_stage
-    from . import classification as cls_stage
-    from . import evaluate as eval_stage
     from . import model as model_stage
     from . import preempt
     from . import train as train_stage
@@ -107,7 +105,6 @@ def train_rank(spec: dict, rank: int, world: int, local_rank: int) -> None:
         loaded.model, cfg.lora, task=cfg.model.task, quantized=cfg.precision.quant != "none",
         grad_checkpointing=cfg.train.grad_checkpointing,
         source=model_stage.resolve_source(cfg.model) if cfg.lora.init == "loftq" else None)
-    classify = cfg.model.task == "sequence_classification"
     prepared = prepare_run_data(cfg, loaded.tokenizer)
     metrics: dict = {"time/load_s": time.perf_counter() - t_start, "params/trainable": info.trainable,
                      "params/total": info.total,
@@ -165,15 +162,9 @@ def train_rank(spec: dict, rank: int, world: int, local_rank: int) -> None:
         dist.destroy_process_group()  # rank 0 evaluates alone; the other ranks have finished
         eval_mem = PeakTracker(device)
         eval_mem.start("eval")
-        if cfg.eval.val_loss and prepared.val is not None:
-            score = cls_stage.evaluate if classify else eval_stage.validation_loss
-            metrics.update(score(model, prepared.val, device=device, autocast_dtype=autocast))
-            if not classify:
-                from .pipeline import further_val_losses
+        from .pipeline import validation_scores
 
-                vs = further_val_losses(cfg, model, loaded.tokenizer, device, autocast)
-                metrics["time/val_s"] = metrics.get("time/val_s", 0.0) + vs.pop("time/val_s", 0.0)
-                metrics.update(vs)
+        metrics.update(validation_scores(cfg, model, prepared, loaded.tokenizer, device, autocast))
         if cfg.eval.tasks:
             from .pipeline import _benchmark, _deltas
 
