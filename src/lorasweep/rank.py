@@ -98,13 +98,8 @@ def train_rank(spec: dict, rank: int, world: int, local_rank: int) -> None:
     _seed_everything(random_seed)
     mem = PeakTracker(device)
     mem.start("load")
-    loaded = model_stage.build_model(cfg.model, cfg.precision, device, cfg.train.grad_checkpointing,
-                                     frozen_base=cfg.lora.method == "lora" and cfg.lora.bias == "none")
+    loaded, model, info = _build(cfg, device, cfg.train.grad_checkpointing)
     autocast = model_stage.forward_autocast(cfg.precision, loaded.compute_dtype)
-    model, info = adapter_stage.apply_adapter(
-        loaded.model, cfg.lora, task=cfg.model.task, quantized=cfg.precision.quant != "none",
-        grad_checkpointing=cfg.train.grad_checkpointing,
-        source=model_stage.resolve_source(cfg.model) if cfg.lora.init == "loftq" else None)
     prepared = prepare_run_data(cfg, loaded.tokenizer)
     metrics: dict = {"time/load_s": time.perf_counter() - t_start, "params/trainable": info.trainable,
                      "params/total": info.total,
@@ -190,15 +185,23 @@ def train_rank(spec: dict, rank: int, world: int, local_rank: int) -> None:
                                                     "world_size": world})
 
 
-def _plain_model(cfg, device: torch.device, state: dict) -> torch.nn.Module:
-    """The run's model built again unsharded (same base, same adapter) holding the gathered weights."""
+def _build(cfg, device: torch.device, grad_checkpointing: bool):
+    """The run's base model and adapter on this rank: (loaded, model, adapter info)."""
     from . import adapter as adapter_stage
     from . import model as model_stage
 
-    loaded = model_stage.build_model(cfg.model, cfg.precision, device, False,
+    loaded = model_stage.build_model(cfg.model, cfg.precision, device, grad_checkpointing,
                                      frozen_base=cfg.lora.method == "lora" and cfg.lora.bias == "none")
-    model, _ = adapter_stage.apply_adapter(loaded.model, cfg.lora, task=cfg.model.task,
-                                           quantized=cfg.precision.quant != "none", grad_checkpointing=False)
+    model, info = adapter_stage.apply_adapter(
+        loaded.model, cfg.lora, task=cfg.model.task, quantized=cfg.precision.quant != "none",
+        grad_checkpointing=grad_checkpointing,
+        source=model_stage.resolve_source(cfg.model) if cfg.lora.init == "loftq" else None)
+    return loaded, model, info
+
+
+def _plain_model(cfg, device: torch.device, state: dict) -> torch.nn.Module:
+    """The run's model built again unsharded (same base, same adapter) holding the gathered weights."""
+    _, model, _ = _build(cfg, device, False)
     model.load_state_dict({k: v.to(device) for k, v in state.items()}, strict=True)
     return model
 
