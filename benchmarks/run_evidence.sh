@@ -17,6 +17,8 @@ for study in "$@"; do
   cmd="lorasweep sweep=$study logger=none launcher=parallel hydra.sweeper.max_batch_size=$PAR train.num_threads=1 results_dir=$OUT $extra"
   echo "[$(date -u +%H:%M:%S)] $study: $cmd"
   start=$(date +%s)
+  # the code the runs used: taken now, not after the study (work may be committed meanwhile)
+  commit="$(git rev-parse --short HEAD)$(git diff --quiet -- src conf sweeps || echo ' (with uncommitted changes to src/conf/sweeps)')"
   $cmd > "$OUT/$study.log" 2>&1
   rc=$?
   wall=$(( $(date +%s) - start ))
@@ -36,7 +38,7 @@ for study in "$@"; do
     echo
     echo "- finished $(date -u '+%Y-%m-%d %H:%M UTC'), sweep exit status $rc, wall time $((wall / 60)) min $((wall % 60)) s"
     echo "- machine: $(nproc) cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)), no GPU; $PAR runs at a time, one torch thread each${EVIDENCE_NOTE:+; $EVIDENCE_NOTE}"
-    echo "- git commit $(git rev-parse --short HEAD)$(git diff --quiet -- src conf sweeps || echo ' (with uncommitted changes to src/conf/sweeps)')"
+    echo "- git commit $commit"
     echo "- versions: $(python -c 'import importlib.metadata as m; print(", ".join(f"{p} {m.version(p)}" for p in ("torch","transformers","peft","bitsandbytes","lm_eval","optuna","hydra-core")))' 2>/dev/null)"
   } > "$ref/how.md"
 done
