@@ -70,8 +70,6 @@ def test_bad_combinations_refused_before_launch(tmp_path):
                              (["train.devices=2", "train.nodes=2", "train.batch_size=6"], "train.batch_size=6"),
                              (["train.devices=0"], "train.devices=0"),
                              (["train.devices=2", "train.strategy=fsdp", "precision=nf4"], "train.strategy='fsdp'"),
-                             (["train.devices=2", "train.strategy=fsdp", "train.checkpoint_every=5"],
-                              "train.checkpoint_every=5"),
                              (["train.strategy=zero3"], "train.strategy='zero3'"),
                              (["train.devices=2", "train.eval_every=5"], "train.eval_every=5")):
         with pytest.raises(ConfigError) as e:
@@ -243,3 +241,39 @@ def test_two_process_run_resumes_from_its_checkpoint(one_process, tmp_path):
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=0)
     assert not (run_dir / "checkpoints").exists() and not _leftovers(str(tmp_path))
+
+
+@pytest.mark.slow
+def test_fsdp_runs_resume_from_their_sharded_checkpoints(one_process, tmp_path):
+    """FSDP, LoRA and full fine-tuning: rank 1 fails after step 13; each run keeps its step-10
+    checkpoint, written as each rank's shards (torch.distributed.checkpoint) and committed by rank 0.
+    Relaunched, both resume there and end as the uninterrupted one-process runs; a one-process
+    relaunch is refused with the strategy to use, not a wrong resume."""
+    args = ["-m", "launcher=local", *ARGS, "lora=r8_a16_qv,full", "train.devices=2", "train.strategy=fsdp",
+            "train.checkpoint_every=10", f"results_dir={tmp_path}/r", "study=fres", f"hydra.sweep.dir={tmp_path}/sweep"]
+    first = _cli(*args, cwd=tmp_path, env={"LORASWEEP_TEST_CRASH_RANK": "1:13"})
+    assert first.returncode == 1, first.stderr[-3000:]
+    for ref_dir in one_process.values():
+        ckpt = tmp_path / "r" / "fres" / ref_dir.name / "checkpoints" / "step-00000010"
+        assert {p.name for p in (ckpt / "sharded").iterdir()} == {".metadata", "__0_0.distcp", "__1_0.distcp"}
+        assert not (ckpt / "trainable.safetensors").exists()  # no rank gathered the whole model
+        assert len(torch.load(ckpt / "state.pt", weights_only=True)["rng_ranks"]) == 2
+    alone = _cli(*ARGS, *METHODS["lora"], f"results_dir={tmp_path}/r", "study=fres", cwd=tmp_path)
+    assert alone.returncode == 1
+    rec = json.loads((tmp_path / "r" / "fres" / one_process["lora"].name / "record.json").read_text())
+    assert "resume it with train.strategy=fsdp" in rec["error"], rec["error"]
+    second = _cli(*args, cwd=tmp_path)
+    assert second.returncode == 0, second.stderr[-3000:]
+    for name, ref_dir in one_process.items():
+        run_dir = tmp_path / "r" / "fres" / ref_dir.name
+        rec = json.loads((run_dir / "record.json").read_text())
+        assert rec["status"] == "completed" and rec["metrics"]["train/resumed_from_step"] == 10, (name, rec["error"])
+        got, want = _losses(run_dir), _losses(ref_dir)
+        assert [s for s, _ in got] == list(range(1, 21))
+        for (s, a), (_, b) in zip(got, want):
+            assert a == pytest.approx(b, abs=1e-4), (name, s)
+        ref = json.loads((ref_dir / "record.json").read_text())["metrics"]
+        assert rec["metrics"]["val/loss"] == pytest.approx(ref["val/loss"], abs=1e-4)
+        assert not (run_dir / "checkpoints").exists()
+    _assert_same_adapter(tmp_path / "r" / "fres" / one_process["lora"].name, one_process["lora"], atol=1e-4)
+    assert not _leftovers(str(tmp_path))

@@ -7,6 +7,9 @@
                             the step, the unlogged loss window, counters, elapsed train time, memory peaks
     manifest.json           written last: each file's size. A folder without it, or whose files do not
                             have those sizes, is torn and never loaded (the previous one is used).
+A run sharded with FSDP (train.strategy=fsdp) writes ``sharded/`` instead of the weights and the
+optimizer states: torch.distributed.checkpoint's folder, one file per rank and its ``.metadata``,
+each rank writing its own shards (no rank ever holds the whole model); state.pt keeps the rest.
 
 A checkpoint is written into a temporary folder, each file fsynced, then renamed into place; the
 newest ``keep`` are kept. ``state.pt`` holds only tensors and plain Python values and is read with
@@ -31,6 +34,7 @@ FOLDER = "checkpoints"
 WEIGHTS = "trainable.safetensors"
 STATE = "state.pt"
 MANIFEST = "manifest.json"
+SHARDED = "sharded"
 
 
 @dataclass
@@ -96,25 +100,47 @@ class Checkpointer:
         from safetensors.torch import save_file
 
         t0 = time.perf_counter()
-        final = self.dir / f"step-{progress.step:08d}"
-        tmp = self.dir / f".tmp-{final.name}-{os.getpid()}"
+        tmp = self.begin(progress.step)
+        save_file(trainable_state(model), str(tmp / WEIGHTS))
+        self.write_state(tmp, sched, scaler, progress, {"optimizer": opt.state_dict(), **(extra or {})})
+        final = self.commit(tmp, progress.step)
+        log.info("checkpoint at step %d (%.2f s): %s", progress.step, time.perf_counter() - t0, final)
+        return final
+
+    def begin(self, step: int, tag: str | None = None) -> Path:
+        """An empty temporary folder for step ``step``'s checkpoint (``tag``: a name every rank of a
+        sharded run agrees on; by default this process's id)."""
+        tmp = self.tmp_folder(step, tag)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        save_file(trainable_state(model), str(tmp / WEIGHTS))
-        torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                    "scaler": scaler.state_dict(), "rng": rng_state(), "progress": asdict(progress), **(extra or {})},
-                   tmp / STATE)
-        sizes = {name: (tmp / name).stat().st_size for name in (WEIGHTS, STATE)}
-        (tmp / MANIFEST).write_text(json.dumps({"step": progress.step, "sizes": sizes}))
-        for name in (WEIGHTS, STATE, MANIFEST):
-            _fsync(tmp / name)
+        return tmp
+
+    def folder(self, step: int) -> Path:
+        return self.dir / f"step-{step:08d}"
+
+    def tmp_folder(self, step: int, tag: str | None = None) -> Path:
+        return self.dir / f".tmp-{self.folder(step).name}-{tag or os.getpid()}"
+
+    @staticmethod
+    def write_state(tmp: Path, sched, scaler, progress: Progress, extra: dict) -> None:
+        torch.save({"scheduler": sched.state_dict(), "scaler": scaler.state_dict(), "rng": rng_state(),
+                    "progress": asdict(progress), **extra}, tmp / STATE)
+
+    def commit(self, tmp: Path, step: int) -> Path:
+        """The manifest (every file's size) written last, everything fsynced, then the folder renamed
+        into place and all but the newest ``keep`` checkpoints removed."""
+        files = sorted(p for p in tmp.rglob("*") if p.is_file())
+        sizes = {str(p.relative_to(tmp)): p.stat().st_size for p in files}
+        (tmp / MANIFEST).write_text(json.dumps({"step": step, "sizes": sizes}))
+        for p in [*files, tmp / MANIFEST]:
+            _fsync(p)
+        final = self.folder(step)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
         _fsync(self.dir)
         for old in self.list()[:-self.keep]:
             shutil.rmtree(old, ignore_errors=True)
-        log.info("checkpoint at step %d (%.2f s): %s", progress.step, time.perf_counter() - t0, final)
         return final
 
     def list(self) -> list[Path]:
@@ -123,8 +149,10 @@ class Checkpointer:
             return []
         return sorted(p for p in self.dir.iterdir() if p.is_dir() and p.name.startswith("step-"))
 
-    def load_latest(self) -> tuple[dict[str, torch.Tensor], dict] | None:
-        """(trainable weights, state) of the newest checkpoint that reads back whole, or None."""
+    def load_latest(self) -> tuple[dict[str, torch.Tensor] | None, dict] | None:
+        """(trainable weights, state) of the newest checkpoint that reads back whole, or None. A
+        sharded (fsdp) checkpoint gives weights None and ``state["sharded"]``: its folder, which the
+        ranks read together (shard.Shard.load_sharded)."""
         from safetensors.torch import load_file
 
         for folder in reversed(self.list()):
@@ -134,9 +162,10 @@ class Checkpointer:
                     if (folder / name).stat().st_size != size:
                         raise ValueError(f"{name} has {(folder / name).stat().st_size} bytes, "
                                          f"the manifest says {size}")
-                weights = load_file(str(folder / WEIGHTS))
                 state = torch.load(folder / STATE, map_location="cpu", weights_only=True)
-                return weights, state
+                if any(name.startswith(SHARDED + "/") for name in manifest["sizes"]):
+                    return None, {**state, "sharded": str(folder / SHARDED)}
+                return load_file(str(folder / WEIGHTS)), state
             except Exception as e:  # noqa: BLE001 - any unreadable checkpoint: fall back to the previous
                 log.warning("checkpoint %s is torn or unreadable (%s); trying the previous one", folder, e)
         return None

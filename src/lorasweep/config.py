@@ -487,9 +487,6 @@ def _check_distributed(cfg: RunConfig, bad) -> None:
         if cfg.precision.quant != "none":  # peft's QLoRA+FSDP needs bnb_4bit_quant_storage; users report silent failures
             bad("train.strategy", tr.strategy, "fsdp with a 4-bit base is refused (bitsandbytes' quant_storage "
                 "path is untested here); use precision=bf16_true or fp32 with fsdp, or strategy=ddp")
-        if tr.checkpoint_every > 0:
-            bad("train.checkpoint_every", tr.checkpoint_every, "fsdp runs write no step checkpoints yet; "
-                "set train.checkpoint_every=0 or use train.strategy=ddp")
         if tr.grad_checkpointing:
             bad("train.grad_checkpointing", tr.grad_checkpointing, "not tested with fsdp yet; set it false or use ddp")
     if tr.batch_size % world:

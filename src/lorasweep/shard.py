@@ -15,14 +15,18 @@ states (rank 0 writes every rank's).
 from __future__ import annotations
 
 import contextlib
+import logging
 import signal
+import time
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
-from .checkpoint import Checkpointer, Progress, rng_state
+from .checkpoint import SHARDED, Checkpointer, Progress, rng_state
 from .loss import batch_loss_sum
+
+log = logging.getLogger("lorasweep")
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "labels")
 ROW_WEIGHT = "row_weight"
@@ -94,6 +98,32 @@ class Shard:
         sd = get_model_state_dict(self.module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         return {k[len("model."):]: v for k, v in sd.items()}
 
+    def _sharded_state(self, opt) -> dict:
+        """The trainable weights and optimizer states as this rank's shards (DTensors), keyed as
+        torch.distributed.checkpoint wants them; frozen weights are the base model's, not saved."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+        model_sd, optim_sd = get_state_dict(self.module, opt, options=StateDictOptions(ignore_frozen_params=True))
+        return {"model": model_sd, "optim": optim_sd}
+
+    def save_sharded(self, opt, folder) -> None:
+        """Every rank writes its own shards into ``folder`` (a collective)."""
+        import torch.distributed.checkpoint as dcp
+
+        dcp.save(self._sharded_state(opt), checkpoint_id=str(folder), process_group=self.control)
+
+    def load_sharded(self, opt, folder) -> None:
+        """A sharded checkpoint put back into this rank's shards (a collective). DCP reshards on load,
+        so a run may resume on another number of ranks."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+        state = self._sharded_state(opt)  # the shapes to read into (initialises an empty optimizer's state)
+        dcp.load(state, checkpoint_id=str(folder), process_group=self.control)
+        # strict=False: the frozen base weights are not in it (dcp.load above fails on a missing trainable one)
+        set_state_dict(self.module, opt, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                       options=StateDictOptions(ignore_frozen_params=True, strict=False))
+
     def rows(self, batch: dict) -> dict:
         """This rank's rows of a global micro-batch. An epoch's short last micro-batch may leave a
         rank no row: it then runs the batch's first row with weight 0 (DDP needs every rank's
@@ -139,9 +169,11 @@ class Shard:
 
 
 class RankCheckpointer:
-    """Checkpoints of a DDP run: weights, optimizer, scheduler and progress are the same on every
-    rank, so rank 0 writes them; each rank's RNG state differs (dropout), so rank 0 writes all of
-    them too (``rng_ranks``). The other ranks wait until the checkpoint is on disk."""
+    """Checkpoints of a run on several ranks. ddp: weights, optimizer, scheduler and progress are the
+    same on every rank, so rank 0 writes them. fsdp: each rank writes its own shards of the trainable
+    weights and optimizer states (torch.distributed.checkpoint, ``sharded/``) into one folder, then
+    rank 0 adds the rest and commits it. Each rank's RNG state differs (dropout), so rank 0 writes all
+    of them (``rng_ranks``). No rank goes on until the checkpoint is on disk."""
 
     def __init__(self, inner: Checkpointer, shard: Shard):
         self.inner, self.shard = inner, shard
@@ -150,17 +182,22 @@ class RankCheckpointer:
         return self.inner.due(step)
 
     def save(self, model, opt, sched, scaler, progress: Progress):
-        if self.shard.fsdp:  # sharded weights and optimizer states: not written yet (the config refuses
-            import logging   # checkpoint_every with fsdp; a stop signal ends the run without one)
-
-            logging.getLogger("lorasweep").warning("train.strategy=fsdp writes no checkpoint yet: an "
-                                                   "interrupted run restarts from step 0")
-            return None
-        states = self.shard.all_objects(rng_state())
+        extra = {"rng_ranks": self.shard.all_objects(rng_state()), "world_size": self.shard.world}
+        if not self.shard.fsdp:
+            path = self.inner.save(model, opt, sched, scaler, progress, extra=extra) if self.shard.rank == 0 else None
+            self.shard.barrier()
+            return path
+        t0 = time.perf_counter()
+        if self.shard.rank == 0:
+            self.inner.begin(progress.step, tag="sharded")
+        self.shard.barrier()  # the folder is there (and empty) before any rank writes
+        tmp = self.inner.tmp_folder(progress.step, tag="sharded")
+        self.shard.save_sharded(opt, tmp / SHARDED)
         path = None
         if self.shard.rank == 0:
-            path = self.inner.save(model, opt, sched, scaler, progress,
-                                   extra={"rng_ranks": states, "world_size": self.shard.world})
+            Checkpointer.write_state(tmp, sched, scaler, progress, extra)
+            path = self.inner.commit(tmp, progress.step)
+            log.info("sharded checkpoint at step %d (%.2f s): %s", progress.step, time.perf_counter() - t0, path)
         self.shard.barrier()
         return path
 

@@ -192,7 +192,7 @@ def train(model: torch.nn.Module, train: Batches, oc: OptimizerConfig, tc: Train
     scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype == torch.float16)
     prog = Progress()
     if resume is not None:
-        prog = _restore(model, opt, sched, scaler, *resume)
+        prog = _restore(model, opt, sched, scaler, *resume, shard=shard)
 
     model.train()
     # No KV cache while training: it costs time and memory, and with a cache transformers ignores
@@ -296,15 +296,25 @@ def train(model: torch.nn.Module, train: Batches, oc: OptimizerConfig, tc: Train
                        earlier_mem=prog.mem, resumed_from_step=resume[1]["progress"]["step"] if resume else None)
 
 
-def _restore(model, opt, sched, scaler, weights: dict, state: dict) -> Progress:
+def _restore(model, opt, sched, scaler, weights: dict | None, state: dict, shard=None) -> Progress:
     """Put a checkpoint back: trainable weights, optimizer/scheduler/scaler states, RNG streams."""
-    own = {n for n, p in model.named_parameters() if p.requires_grad}
-    if set(weights) != own:
-        raise RuntimeError(f"checkpoint does not fit this model: {len(set(weights) ^ own)} trainable tensors differ")
-    result = model.load_state_dict(weights, strict=False)
-    if result.unexpected_keys:
-        raise RuntimeError(f"checkpoint has tensors this model lacks: {result.unexpected_keys[:3]}")
-    opt.load_state_dict(state["optimizer"])
+    sharded_run = shard is not None and shard.fsdp
+    if "sharded" in state:  # written by an fsdp run: its ranks' shards, read back by the ranks together
+        if not sharded_run:
+            raise RuntimeError(f"checkpoint {state['sharded']} was written by a train.strategy=fsdp run; resume "
+                               "it with train.strategy=fsdp, or delete its checkpoints/ folder to start over")
+        shard.load_sharded(opt, state["sharded"])
+    else:
+        if sharded_run:
+            raise RuntimeError("this run's checkpoint was written without fsdp; resume it with the strategy "
+                               "that wrote it (train.strategy=ddp or one process), or delete its checkpoints/ folder")
+        own = {n for n, p in model.named_parameters() if p.requires_grad}
+        if set(weights) != own:
+            raise RuntimeError(f"checkpoint does not fit this model: {len(set(weights) ^ own)} trainable tensors differ")
+        result = model.load_state_dict(weights, strict=False)
+        if result.unexpected_keys:
+            raise RuntimeError(f"checkpoint has tensors this model lacks: {result.unexpected_keys[:3]}")
+        opt.load_state_dict(state["optimizer"])
     sched.load_state_dict(state["scheduler"])
     scaler.load_state_dict(state["scaler"])
     set_rng_state(state["rng"])
