@@ -128,23 +128,29 @@ def test_two_process_sweep_matches_one_process(one_process, tmp_path):
 
 @pytest.mark.slow
 def test_fsdp_two_process_sweep_matches_one_process(one_process, tmp_path):
-    """FSDP2 (fully_shard, gloo on the CPU): weights, gradients and optimizer states sharded over 2
-    ranks train LoRA and full fine-tuning to the one-process losses, val loss and adapter."""
+    """FSDP2 (fully_shard, gloo on the CPU) with gradient checkpointing: weights, gradients and
+    optimizer states sharded over 2 ranks train LoRA and full fine-tuning to the one-process losses,
+    val loss and adapter (FSDP without gradient checkpointing: the resume test below)."""
     res = _cli("-m", "launcher=local", *ARGS, "lora=r8_a16_qv,full", "train.devices=2", "train.strategy=fsdp",
-               f"results_dir={tmp_path}/r", "study=two", f"hydra.sweep.dir={tmp_path}/sweep", cwd=tmp_path)
+               "train.grad_checkpointing=true", f"results_dir={tmp_path}/r", "study=two",
+               f"hydra.sweep.dir={tmp_path}/sweep", cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
+    runs = {}
     for name, ref_dir in one_process.items():
-        run_dir = tmp_path / "r" / "two" / ref_dir.name
+        # grad_checkpointing is part of the run id: the same arm under another id
+        (run_dir,) = (tmp_path / "r" / "two").glob(ref_dir.name.rsplit("-", 1)[0] + "-*")
+        runs[name] = run_dir
         rec = json.loads((run_dir / "record.json").read_text())
         assert rec["status"] == "completed", rec["error"]
         assert rec["env"]["world_size"] == 2 and rec["config"]["train"]["strategy"] == "fsdp"
+        assert rec["config"]["train"]["grad_checkpointing"] is True
         got, want = _losses(run_dir), _losses(ref_dir)
         assert [s for s, _ in got] == list(range(1, 21))
         for (s, a), (_, b) in zip(got, want):
             assert a == pytest.approx(b, abs=1e-4), (name, s)
         ref = json.loads((ref_dir / "record.json").read_text())["metrics"]
         assert rec["metrics"]["val/loss"] == pytest.approx(ref["val/loss"], abs=1e-4)
-    _assert_same_adapter(tmp_path / "r" / "two" / one_process["lora"].name, one_process["lora"], atol=1e-4)
+    _assert_same_adapter(runs["lora"], one_process["lora"], atol=1e-4)
     assert not _leftovers(str(tmp_path))
 
 

@@ -487,8 +487,6 @@ def _check_distributed(cfg: RunConfig, bad) -> None:
         if cfg.precision.quant != "none":  # peft's QLoRA+FSDP needs bnb_4bit_quant_storage; users report silent failures
             bad("train.strategy", tr.strategy, "fsdp with a 4-bit base is refused (bitsandbytes' quant_storage "
                 "path is untested here); use precision=bf16_true or fp32 with fsdp, or strategy=ddp")
-        if tr.grad_checkpointing:
-            bad("train.grad_checkpointing", tr.grad_checkpointing, "not tested with fsdp yet; set it false or use ddp")
     if tr.batch_size % world:
         bad("train.batch_size", tr.batch_size, f"is the global micro-batch and must divide evenly over "
             f"train.devices x train.nodes = {world} processes (e.g. train.batch_size={max(1, tr.batch_size // world) * world})")
