@@ -27,6 +27,7 @@ for study in "$@"; do
   rm -rf "$ref" && mkdir -p "$ref"
   lorasweep-report "$OUT/$study" > "$OUT/$study.report.log" 2>&1 || echo "report failed: $OUT/$study.report.log"
   cp "$OUT/$study"/summary.md "$OUT/$study"/summary.csv "$OUT/$study"/arms.csv "$ref"/ 2>/dev/null
+  cp "$OUT/$study"/trials.md "$OUT/$study"/trials.csv "$ref"/ 2>/dev/null  # a search study's trials
   cp "$OUT/$study"/*.png "$ref"/ 2>/dev/null
   {
     echo "# How this reference was made"
