@@ -55,3 +55,25 @@ def test_slurm_job_signalled_mid_run_is_requeued_and_resumes(local_slurm, tmp_pa
     assert rec["resumed_from_step"] >= 20
     steps = [json.loads(l)["step"] for l in (study / rec["run_id"] / "steps.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 401))
+
+
+def test_search_workers_share_one_study_as_slurm_jobs(local_slurm, tmp_path):  # noqa: F811
+    """launcher=slurm search.workers=2: two array jobs ask and tell one Optuna journal in the study
+    folder; the search stops at n_trials across both, and every trial's run records its SLURM job."""
+    from lorasweep.search import counts, load
+
+    p = lorasweep("sweep=search_tiny_lr", "launcher=slurm", "search.workers=2", "search.n_trials=4",
+                  "search.n_startup_trials=2", "train.max_steps=10", "train.eval_every=5", "pruner.warmup_steps=5",
+                  "data.n_train=64", f"results_dir={tmp_path}/r",
+                  f"hydra.launcher.partition={local_slurm.partition}", "hydra.launcher.gpus_per_node=null",
+                  "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=2", "hydra.launcher.timeout_min=15",
+                  "hydra.launcher.array_parallelism=2", cwd=tmp_path, timeout=900)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    folder = tmp_path / "r" / "search_tiny_lr"
+    study = load(folder)
+    c = counts(study)
+    assert len(study.trials) == 4 and c["complete"] + c["pruned"] == 4, c  # n_trials across both jobs
+    recs = records(folder)
+    assert {t.user_attrs["run_id"] for t in study.trials} == set(recs)
+    assert all(r["env"].get("slurm_job_id") and r["env"].get("slurm_array") for r in recs.values())
+    assert "best trial" in p.stdout
