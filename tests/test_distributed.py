@@ -283,3 +283,33 @@ def test_fsdp_runs_resume_from_their_sharded_checkpoints(one_process, tmp_path):
         assert not (run_dir / "checkpoints").exists()
     _assert_same_adapter(tmp_path / "r" / "fres" / one_process["lora"].name, one_process["lora"], atol=1e-4)
     assert not _leftovers(str(tmp_path))
+
+
+@pytest.mark.slow
+def test_two_nodes_on_one_host_match_one_process(one_process, tmp_path):
+    """train.nodes=2 as a 2-node SLURM job runs it (one lorasweep task per node, torchrun with
+    --nnodes 2 --node-rank k and node 0 as master), both nodes on this host: node 0 keeps the
+    lease and writes the record, node 1 only runs its rank; the losses and adapter are the
+    one-process run's."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = [*ARGS, *METHODS["lora"], "train.nodes=2", "train.devices=1", f"results_dir={tmp_path}/r", "study=nodes"]
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(port)}
+    procs = [subprocess.Popen([sys.executable, "-m", "lorasweep.cli", *args], cwd=tmp_path,
+                              env={**env, "LORASWEEP_NODE_RANK": str(k)}, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for k in (0, 1)]
+    outs = [p.communicate(timeout=900)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [o[-2000:] for o in outs]
+    run_dir = tmp_path / "r" / "nodes" / one_process["lora"].name
+    rec = json.loads((run_dir / "record.json").read_text())
+    assert rec["status"] == "completed" and rec["env"]["world_size"] == 2, rec["error"]
+    assert rec["metrics"]["mem/rank1/train_peak_rss_gb"] > 0
+    assert {p.name for p in (run_dir / ".dist").iterdir()} == {"spec-node0.json", "result.json"}
+    for (s, a), (_, b) in zip(_losses(run_dir), _losses(one_process["lora"])):
+        assert a == pytest.approx(b, abs=1e-5), s
+    _assert_same_adapter(run_dir, one_process["lora"], atol=1e-5)
+    assert not _leftovers(str(tmp_path))

@@ -114,7 +114,14 @@ def run_ranks(cfg: RunConfig, spec: dict, run_dir: Path, lease=None) -> int:
 
     d = Path(run_dir) / DIST_DIR
     d.mkdir(parents=True, exist_ok=True)
-    spec_path = d / f"spec-node{node_rank()}.json"
+    if node_rank() == 0:
+        spec_path = d / "spec-node0.json"
+    else:  # node-local: node 0 clears the run folder's leftovers when it starts, maybe after this node did
+        import tempfile
+
+        fd, name = tempfile.mkstemp(prefix=f"lorasweep-spec-node{node_rank()}-", suffix=".json")
+        os.close(fd)
+        spec_path = Path(name)
     spec_path.write_text(json.dumps(spec, default=str))
     cmd = torchrun_command(cfg, spec_path)
     log.info("%s: %d process(es) per node x %d node(s) (%s): %s", spec["run_id"], cfg.train.devices,
@@ -143,6 +150,8 @@ def run_ranks(cfg: RunConfig, spec: dict, run_dir: Path, lease=None) -> int:
             proc.kill()
         raise
     pump.join(timeout=10)
+    if node_rank() > 0:
+        spec_path.unlink(missing_ok=True)
     return rc
 
 
