@@ -45,6 +45,17 @@ def _assert_same_adapter(got_run: Path, want_run: Path, atol: float) -> None:
         torch.testing.assert_close(a[k], b[k], atol=atol, rtol=0)
 
 
+def _assert_same_run(run_dir: Path, ref_dir: Path, atol: float) -> None:
+    """Every step's loss (one line per step) and the validation loss are the reference run's."""
+    got, want = _losses(run_dir), _losses(ref_dir)
+    assert [s for s, _ in got] == list(range(1, 21))
+    for (s, a), (_, b) in zip(got, want):
+        assert a == pytest.approx(b, abs=atol), (run_dir.name, s)
+    ref = json.loads((ref_dir / "record.json").read_text())["metrics"]
+    got_val = json.loads((run_dir / "record.json").read_text())["metrics"]["val/loss"]
+    assert got_val == pytest.approx(ref["val/loss"], abs=atol)
+
+
 def _leftovers(marker: str) -> list[str]:
     """Ranks or torchruns still running whose command line names ``marker`` (a test's own folder)."""
     out = []
@@ -144,12 +155,7 @@ def test_fsdp_two_process_sweep_matches_one_process(one_process, tmp_path):
         assert rec["status"] == "completed", rec["error"]
         assert rec["env"]["world_size"] == 2 and rec["config"]["train"]["strategy"] == "fsdp"
         assert rec["config"]["train"]["grad_checkpointing"] is True
-        got, want = _losses(run_dir), _losses(ref_dir)
-        assert [s for s, _ in got] == list(range(1, 21))
-        for (s, a), (_, b) in zip(got, want):
-            assert a == pytest.approx(b, abs=1e-4), (name, s)
-        ref = json.loads((ref_dir / "record.json").read_text())["metrics"]
-        assert rec["metrics"]["val/loss"] == pytest.approx(ref["val/loss"], abs=1e-4)
+        _assert_same_run(run_dir, ref_dir, atol=1e-4)
     _assert_same_adapter(runs["lora"], one_process["lora"], atol=1e-4)
     assert not _leftovers(str(tmp_path))
 
@@ -274,12 +280,7 @@ def test_fsdp_runs_resume_from_their_sharded_checkpoints(one_process, tmp_path):
         run_dir = tmp_path / "r" / "fres" / ref_dir.name
         rec = json.loads((run_dir / "record.json").read_text())
         assert rec["status"] == "completed" and rec["metrics"]["train/resumed_from_step"] == 10, (name, rec["error"])
-        got, want = _losses(run_dir), _losses(ref_dir)
-        assert [s for s, _ in got] == list(range(1, 21))
-        for (s, a), (_, b) in zip(got, want):
-            assert a == pytest.approx(b, abs=1e-4), (name, s)
-        ref = json.loads((ref_dir / "record.json").read_text())["metrics"]
-        assert rec["metrics"]["val/loss"] == pytest.approx(ref["val/loss"], abs=1e-4)
+        _assert_same_run(run_dir, ref_dir, atol=1e-4)
         assert not (run_dir / "checkpoints").exists()
     _assert_same_adapter(tmp_path / "r" / "fres" / one_process["lora"].name, one_process["lora"], atol=1e-4)
     assert not _leftovers(str(tmp_path))
@@ -309,7 +310,6 @@ def test_two_nodes_on_one_host_match_one_process(one_process, tmp_path):
     assert rec["status"] == "completed" and rec["env"]["world_size"] == 2, rec["error"]
     assert rec["metrics"]["mem/rank1/train_peak_rss_gb"] > 0
     assert {p.name for p in (run_dir / ".dist").iterdir()} == {"spec-node0.json", "result.json"}
-    for (s, a), (_, b) in zip(_losses(run_dir), _losses(one_process["lora"])):
-        assert a == pytest.approx(b, abs=1e-5), s
+    _assert_same_run(run_dir, one_process["lora"], atol=1e-5)
     _assert_same_adapter(run_dir, one_process["lora"], atol=1e-5)
     assert not _leftovers(str(tmp_path))
