@@ -17,6 +17,7 @@ from conftest import compose
 from slurm_fixture import local_slurm  # noqa: F401  (pytest fixture)
 from lorasweep import pipeline
 from lorasweep.config import ConfigError, run_id, validate
+from lorasweep.pruner import read_curve
 from lorasweep.shard import row_slice
 
 # 21 examples in micro-batches of 4: each epoch ends on a one-row micro-batch, which leaves rank 1
@@ -82,7 +83,7 @@ def test_bad_combinations_refused_before_launch(tmp_path):
                              (["train.devices=0"], "train.devices=0"),
                              (["train.devices=2", "train.strategy=fsdp", "precision=nf4"], "train.strategy='fsdp'"),
                              (["train.strategy=zero3"], "train.strategy='zero3'"),
-                             (["train.devices=2", "train.eval_every=5"], "train.eval_every=5")):
+                             (["train.devices=2", "precision=nf4"], "precision.quant='nf4'")):
         with pytest.raises(ConfigError) as e:
             validate(compose(*ARGS, f"results_dir={tmp_path}", *overrides))
         assert any(p.startswith(field) for p in e.value.problems), e.value.problems
@@ -143,7 +144,7 @@ def test_fsdp_two_process_sweep_matches_one_process(one_process, tmp_path):
     optimizer states sharded over 2 ranks train LoRA and full fine-tuning to the one-process losses,
     val loss and adapter (FSDP without gradient checkpointing: the resume test below)."""
     res = _cli("-m", "launcher=local", *ARGS, "lora=r8_a16_qv,full", "train.devices=2", "train.strategy=fsdp",
-               "train.grad_checkpointing=true", f"results_dir={tmp_path}/r", "study=two",
+               "train.grad_checkpointing=true", "train.eval_every=10", f"results_dir={tmp_path}/r", "study=two",
                f"hydra.sweep.dir={tmp_path}/sweep", cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     runs = {}
@@ -156,6 +157,10 @@ def test_fsdp_two_process_sweep_matches_one_process(one_process, tmp_path):
         assert rec["env"]["world_size"] == 2 and rec["config"]["train"]["strategy"] == "fsdp"
         assert rec["config"]["train"]["grad_checkpointing"] is True
         _assert_same_run(run_dir, ref_dir, atol=1e-4)
+        # the periodic validation runs sharded too (a collective forward); at the last step its
+        # subset (all 8 examples) gives the run's final val/loss
+        curve = read_curve(run_dir)
+        assert sorted(curve) == [10, 20] and curve[20] == pytest.approx(rec["metrics"]["val/loss"], abs=1e-6)
     _assert_same_adapter(runs["lora"], one_process["lora"], atol=1e-4)
     assert not _leftovers(str(tmp_path))
 
@@ -312,4 +317,33 @@ def test_two_nodes_on_one_host_match_one_process(one_process, tmp_path):
     assert {p.name for p in (run_dir / ".dist").iterdir()} == {"spec-node0.json", "result.json"}
     _assert_same_run(run_dir, one_process["lora"], atol=1e-5)
     _assert_same_adapter(run_dir, one_process["lora"], atol=1e-5)
+    assert not _leftovers(str(tmp_path))
+
+
+@pytest.mark.slow
+def test_pruner_stops_a_losing_two_process_run(tmp_path):
+    """train.eval_every and pruner=median on 2 processes: the validation curve is the one-process
+    run's, written once (rank 0), and a losing run is stopped on both ranks at the same step and
+    recorded as pruned with the rule and numbers, as in one process; the sweep goes on."""
+    full = [*ARGS, *METHODS["full"], "train.eval_every=5"]
+    one = pipeline.run(compose(*full, f"results_dir={tmp_path}/one", "study=one"), show_progress=False)
+    assert one.status == "completed", one.error
+    res = _cli("-m", "launcher=local", *full, "train.devices=2", "pruner=median", "pruner.min_runs=1",
+               "pruner.warmup_steps=5", "optimizer.lr=5e-3,1e-7", f"results_dir={tmp_path}/r", "study=prune",
+               f"hydra.sweep.dir={tmp_path}/sweep", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    recs = {r["config"]["optimizer"]["lr"]: (r, p.parent) for p in (tmp_path / "r" / "prune").glob("*/record.json")
+            for r in [json.loads(p.read_text())]}
+    good, good_dir = recs[5e-3]
+    assert good["status"] == "completed" and good["env"]["world_size"] == 2, good["error"]
+    want = read_curve(Path(one.run_dir))
+    got = read_curve(good_dir)
+    assert sorted(got) == sorted(want) == [5, 10, 15, 20]
+    assert all(got[s] == pytest.approx(want[s], abs=1e-5) for s in want), (got, want)
+    assert len((good_dir / "val_curve.jsonl").read_text().splitlines()) == 4  # one line per point: rank 0
+    bad, bad_dir = recs[1e-7]
+    assert bad["status"] == "pruned", bad["error"]
+    assert bad["pruned"]["rule"] == "median" and bad["pruned"]["step"] == 5
+    assert bad["metrics"]["prune/step"] == 5 and bad["metrics"]["dist/world_size"] == 2
+    assert max(json.loads(l)["step"] for l in (bad_dir / "steps.jsonl").read_text().splitlines()) == 5
     assert not _leftovers(str(tmp_path))

@@ -499,9 +499,6 @@ def _check_distributed(cfg: RunConfig, bad) -> None:
     if cfg.precision.quant != "none":
         bad("precision.quant", cfg.precision.quant, "4-bit bases on several processes are not available yet; "
             "use train.devices=1 or precision=bf16_true/fp32")
-    if tr.eval_every > 0:
-        bad("train.eval_every", tr.eval_every, "periodic validation on several processes is not available yet; "
-            "set train.eval_every=0 or train.devices=1")
     if cfg.eval.baseline and cfg.eval.tasks:
         bad("eval.baseline", cfg.eval.baseline, "base-model scores on several processes are not available yet; "
             "set eval.baseline=false or train.devices=1")

@@ -259,6 +259,7 @@ def launch(cfg: RunConfig, rid: str, run_dir: Path, lease, show_progress: bool):
     record.data["env"].update({"world_size": world, "devices_per_node": cfg.train.devices, "nodes": cfg.train.nodes,
                                "strategy": cfg.train.strategy, "launcher": "torchrun"})
     metrics: dict = {"dist/world_size": world}
+    extra: dict = {}  # record fields beside the metrics (a pruned run's verdict)
     status, error = "failed", None
     t_start = time.perf_counter()
     try:
@@ -286,6 +287,8 @@ def launch(cfg: RunConfig, rid: str, run_dir: Path, lease, show_progress: bool):
             result = json.loads(result_path.read_text())
             status, error = result["status"], result.get("error")
             metrics.update(result["metrics"])
+            if result.get("pruned"):
+                extra["pruned"] = result["pruned"]  # the rule and numbers that stopped it, as in one process
             if status == "interrupted":
                 log.warning("run %s %s", rid, error)
         else:
@@ -301,5 +304,5 @@ def launch(cfg: RunConfig, rid: str, run_dir: Path, lease, show_progress: bool):
     finally:
         metrics["time/total_s"] = time.perf_counter() - t_start
         if not lease.lost:
-            record.finish(status, metrics, error)
+            record.finish(status, metrics, error, **extra)
     return Outcome(rid, status, error, str(run_dir), metrics)

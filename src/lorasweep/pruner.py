@@ -220,9 +220,11 @@ def decide(pc, own: dict[int, float], step: int, others: list[Curve], eval_every
 
 class Watch:
     """The training loop's after_step hook: every train.eval_every steps, score the validation
-    subset, append it to the run's curve, and ask the pruner (if any) whether to stop."""
+    subset, append it to the run's curve, and ask the pruner (if any) whether to stop. On several
+    processes (``shard``) every rank scores (FSDP's forward is a collective), rank 0 alone writes
+    the curve and asks the pruner, and every rank gets its verdict (else the ranks part ways)."""
 
-    def __init__(self, cfg, run_dir: Path, val, n_steps: int, score: Callable[[object], dict]):
+    def __init__(self, cfg, run_dir: Path, val, n_steps: int, score: Callable[[object], dict], shard=None):
         if val is None:
             raise ValueError(f"train.eval_every={cfg.train.eval_every}: the data has no validation split to score")
         self.cfg = cfg
@@ -230,6 +232,7 @@ class Watch:
         self.subset = dataclasses.replace(val, examples=val.examples[: cfg.train.eval_examples])
         self.n_steps = n_steps
         self.score = score
+        self.shard = shard
         self.cohort = cohort_key(cfg)
         # A resumed run (checkpoint.py) keeps the curve of its earlier attempt: its best so far counts.
         self.points: dict[int, float] = read_curve(self.run_dir, self.cohort)
@@ -240,14 +243,20 @@ class Watch:
         if step % every:
             return
         value = float(self.score(self.subset)["val/loss"])
+        d = self._verdict(step, value, every) if self.shard is None or self.shard.rank == 0 else None
+        if self.shard is not None:
+            d = self.shard.all_objects(d)[0]  # rank 0's verdict, on every rank
+        if d is not None and d.prune:
+            raise RunPruned(d, {"train/steps": step, "train/planned_steps": self.n_steps,
+                                "prune/step": step, "prune/val_loss": value,
+                                "time/train_s": time.perf_counter() - self.t0})
+
+    def _verdict(self, step: int, value: float, every: int) -> Decision | None:
+        """Record the point; the pruner's decision, or None where there is nothing to decide."""
         append_point(self.run_dir, step, value, self.cohort, len(self.subset.examples))
         self.points = {s: v for s, v in self.points.items() if s < step}  # later ones: a resume redoes them
         self.points[step] = value
         if self.cfg.pruner.name == "none" or step >= self.n_steps:
-            return  # the last step: nothing left to save
+            return None  # the last step: nothing left to save
         others = study_curves(self.run_dir.parent, self.cohort, exclude=self.run_dir.name)
-        d = decide(self.cfg.pruner, self.points, step, others, every)
-        if d.prune:
-            raise RunPruned(d, {"train/steps": step, "train/planned_steps": self.n_steps,
-                                "prune/step": step, "prune/val_loss": value,
-                                "time/train_s": time.perf_counter() - self.t0})
+        return decide(self.cfg.pruner, self.points, step, others, every)

@@ -73,6 +73,7 @@ def train_rank(spec: dict, rank: int, world: int, local_rank: int) -> None:
     from . import adapter as adapter_stage
     from . import model as model_stage
     from . import preempt
+    from . import pruner as pruning
     from . import train as train_stage
     from .checkpoint import Checkpointer
     from .loggers import make_logger
@@ -123,17 +124,22 @@ def train_rank(spec: dict, rank: int, world: int, local_rank: int) -> None:
             steps_file.write(json.dumps({"step": step, **m}) + "\n")
             logger.log(step, m)
 
-    status, error = "completed", None
+    status, error, pruned = "completed", None, None
     mem.start("train")
     try:
         with preempt.StopOnSignal():
             result = train_stage.train(model, prepared.train, cfg.optimizer, cfg.train, device=device,
                                        autocast_dtype=autocast, log=log_step, memory=mem,
                                        show_progress=spec["show_progress"] and rank == 0,
-                                       after_step=_crash_hook(rank, spec["run_id"]), checkpointer=RankCheckpointer(checkpoints, shard),
-                                       resume=resume, shard=shard)
+                                       after_step=_after_step(cfg, run_dir, prepared, shard, device, autocast,
+                                                              _crash_hook(rank, spec["run_id"])),
+                                       checkpointer=RankCheckpointer(checkpoints, shard), resume=resume, shard=shard)
     except preempt.Interrupted as e:
         status, error, result = "interrupted", str(e), None
+    except pruning.RunPruned as e:  # every rank got rank 0's verdict at the same step
+        status, error, result = "pruned", str(e), None
+        metrics.update(e.metrics)
+        pruned = e.decision.details()
     del resume
     mem.stop()
     peaks = shard.all_objects(mem.metrics())  # every rank's memory, to rank 0
@@ -182,7 +188,27 @@ def train_rank(spec: dict, rank: int, world: int, local_rank: int) -> None:
         logger.summary(metrics)
         logger.close(0 if status == "completed" else 1)
     write_json_atomic(run_dir / DIST_DIR / RESULT, {"status": status, "error": error, "metrics": metrics,
-                                                    "world_size": world})
+                                                    "world_size": world, "pruned": pruned})
+
+
+def _after_step(cfg, run_dir: Path, prepared, shard: Shard, device, autocast, then):
+    """The loop's after_step hook: train.eval_every's validation curve and pruner (pruner.Watch),
+    then ``then`` (a test's injected failure)."""
+    from . import pruner as pruning
+    from . import train as train_stage
+
+    if not cfg.train.eval_every:
+        return then
+    n_steps = train_stage.total_steps(cfg.train, len(prepared.train))
+    watch = pruning.Watch(cfg, run_dir, prepared.val, n_steps, shard=shard,
+                          score=lambda val: shard.validation_loss(val, device, autocast))
+    if then is None:
+        return watch
+
+    def both(step: int) -> None:
+        watch(step)
+        then(step)
+    return both
 
 
 def _build(cfg, device: torch.device, grad_checkpointing: bool):
