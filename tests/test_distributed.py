@@ -347,3 +347,23 @@ def test_pruner_stops_a_losing_two_process_run(tmp_path):
     assert bad["metrics"]["prune/step"] == 5 and bad["metrics"]["dist/world_size"] == 2
     assert max(json.loads(l)["step"] for l in (bad_dir / "steps.jsonl").read_text().splitlines()) == 5
     assert not _leftovers(str(tmp_path))
+
+
+@pytest.mark.slow
+def test_base_model_scores_beside_a_two_process_run(tmp_path):
+    """eval.baseline with eval.tasks on 2 processes: rank 0 scores lm-eval on the tuned model, then a
+    freshly loaded base (the weights in memory are tuned; full fine-tuning changed the base): the
+    same eval/, eval_base/ and eval_delta/ figures as one process."""
+    args = [*ARGS, *METHODS["full"], "train.max_steps=4", "eval=arithmetic", "eval.limit=4", "eval.baseline=true"]
+    one = pipeline.run(compose(*args, f"results_dir={tmp_path}/one", "study=one"), show_progress=False)
+    assert one.status == "completed", one.error
+    res = _cli(*args, "train.devices=2", f"results_dir={tmp_path}/r", "study=two", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rec = json.loads((tmp_path / "r" / "two" / Path(one.run_dir).name / "record.json").read_text())
+    want = json.loads((Path(one.run_dir) / "record.json").read_text())["metrics"]
+    scores = [k for k in want if k.startswith(("eval/", "eval_base/", "eval_delta/")) and "stderr" not in k]
+    assert any(k.startswith("eval_base/") for k in scores) and any(k.startswith("eval_delta/") for k in scores)
+    for k in scores:
+        assert rec["metrics"][k] == pytest.approx(want[k], rel=1e-4), k
+    assert rec["metrics"]["mem/rank0/eval_base_peak_rss_gb"] > 0
+    assert not _leftovers(str(tmp_path))

@@ -499,9 +499,6 @@ def _check_distributed(cfg: RunConfig, bad) -> None:
     if cfg.precision.quant != "none":
         bad("precision.quant", cfg.precision.quant, "4-bit bases on several processes are not available yet; "
             "use train.devices=1 or precision=bf16_true/fp32")
-    if cfg.eval.baseline and cfg.eval.tasks:
-        bad("eval.baseline", cfg.eval.baseline, "base-model scores on several processes are not available yet; "
-            "set eval.baseline=false or train.devices=1")
     if tr.compile:
         bad("train.compile", tr.compile, "torch.compile on several processes is not available yet; set train.compile=false")
 

@@ -173,7 +173,8 @@ def _score(cfg: RunConfig, model, tokenizer, include_path, run_dir: Path, device
 def _base_scores(cfg: RunConfig, model, tokenizer, include_path, run_dir: Path, device, show_progress: bool,
                  autocast_dtype: torch.dtype | None = None) -> dict:
     """The base model's scores, computed once per study for each (model, precision, eval, data)
-    setting: every run of a sweep over LoRA settings shares the same base, so they share its scores."""
+    setting: every run of a sweep over LoRA settings shares the same base, so they share its scores.
+    ``model``: the base model, or a function that loads it (called only on a cache miss)."""
     rc = resolve_config(cfg, device.type)  # resolved: a CPU and a GPU run never share a base score
     ident = {"model": dataclasses.asdict(rc.model), "precision": dataclasses.asdict(rc.precision),
              "device": rc.train.device,
@@ -185,6 +186,8 @@ def _base_scores(cfg: RunConfig, model, tokenizer, include_path, run_dir: Path, 
         m = json.loads(cached.read_text())
         log.info("base-model scores reused from %s (same model, precision, data and eval settings)", cached)
         return {**m, "eval_base/reused": 1, "time/eval_base_s": 0.0}
+    if not isinstance(model, torch.nn.Module):
+        model = model()  # a loader: the base is loaded only when its scores are not cached yet
     m = _benchmark(cfg, model, tokenizer, include_path, run_dir, device, "eval_base", show_progress, autocast_dtype)
     write_json_atomic(cached, m)
     return m

@@ -167,10 +167,20 @@ def train_rank(spec: dict, rank: int, world: int, local_rank: int) -> None:
 
         metrics.update(validation_scores(cfg, model, prepared, loaded.tokenizer, device, autocast))
         if cfg.eval.tasks:
-            from .pipeline import _benchmark, _deltas
+            from .pipeline import _base_scores, _benchmark, _deltas
 
             metrics.update(_benchmark(cfg, model, loaded.tokenizer, spec.get("include_path"), run_dir, device,
                                       "eval", spec["show_progress"], autocast))
+            if cfg.lora.method == "lora" and cfg.train.save_adapter and result.steps > 0:
+                adapter_stage.save_adapter(model, info, run_dir / "adapter")
+            if cfg.eval.baseline:
+                # The study's cached base scores, else a fresh unmodified base scored here: the
+                # weights in memory are tuned now (and PiSSA/OLoRA or full fine-tuning change the base).
+                del model
+                loaded.model = None  # the tuned weights go before the base comes in
+                eval_mem.start("eval_base")
+                metrics.update(_base_scores(cfg, lambda: _fresh_base(cfg, device), loaded.tokenizer,
+                                            spec.get("include_path"), run_dir, device, spec["show_progress"], autocast))
             metrics.update(_deltas(metrics))
         eval_mem.close()
         for k, v in eval_mem.metrics().items():  # rank 0's evaluation: its own figures, in the run's max
@@ -179,8 +189,8 @@ def train_rank(spec: dict, rank: int, world: int, local_rank: int) -> None:
             else:
                 metrics[k] = max(metrics.get(k, 0.0), v)
                 metrics[k.replace("mem/", "mem/rank0/", 1)] = max(metrics.get(k.replace("mem/", "mem/rank0/", 1), 0.0), v)
-        if cfg.lora.method == "lora" and cfg.train.save_adapter and result.steps > 0:
-            adapter_stage.save_adapter(model, info, run_dir / "adapter")
+        if not cfg.eval.tasks and cfg.lora.method == "lora" and cfg.train.save_adapter and result.steps > 0:
+            adapter_stage.save_adapter(model, info, run_dir / "adapter")  # (with tasks: saved above)
         checkpoints.clear()
     else:
         dist.destroy_process_group()
@@ -223,6 +233,13 @@ def _build(cfg, device: torch.device, grad_checkpointing: bool):
         grad_checkpointing=grad_checkpointing,
         source=model_stage.resolve_source(cfg.model) if cfg.lora.init == "loftq" else None)
     return loaded, model, info
+
+
+def _fresh_base(cfg, device: torch.device) -> torch.nn.Module:
+    """The run's base model as loaded before any adapter or step (for eval.baseline's scores)."""
+    from . import model as model_stage
+
+    return model_stage.build_model(cfg.model, cfg.precision, device, False, frozen_base=True).model
 
 
 def _plain_model(cfg, device: torch.device, state: dict) -> torch.nn.Module:
