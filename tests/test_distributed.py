@@ -83,7 +83,7 @@ def test_bad_combinations_refused_before_launch(tmp_path):
                              (["train.devices=0"], "train.devices=0"),
                              (["train.devices=2", "train.strategy=fsdp", "precision=nf4"], "train.strategy='fsdp'"),
                              (["train.strategy=zero3"], "train.strategy='zero3'"),
-                             (["train.devices=2", "precision=nf4"], "precision.quant='nf4'")):
+                             (["train.devices=2", "train.compile=true"], "train.compile=True")):
         with pytest.raises(ConfigError) as e:
             validate(compose(*ARGS, f"results_dir={tmp_path}", *overrides))
         assert any(p.startswith(field) for p in e.value.problems), e.value.problems
@@ -366,4 +366,24 @@ def test_base_model_scores_beside_a_two_process_run(tmp_path):
     for k in scores:
         assert rec["metrics"][k] == pytest.approx(want[k], rel=1e-4), k
     assert rec["metrics"]["mem/rank0/eval_base_peak_rss_gb"] > 0
+    assert not _leftovers(str(tmp_path))
+
+
+@pytest.mark.slow
+def test_qlora_two_process_matches_one_process(tmp_path):
+    """A 4-bit (nf4) base under DDP: each rank quantizes its own copy of the base, the adapters'
+    gradients are all-reduced; the losses and adapter are the one-process QLoRA run's."""
+    args = [*ARGS, *METHODS["lora"], "precision=nf4", "train.max_steps=10"]
+    one = pipeline.run(compose(*args, f"results_dir={tmp_path}/one", "study=one"), show_progress=False)
+    assert one.status == "completed", one.error
+    res = _cli(*args, "train.devices=2", f"results_dir={tmp_path}/r", "study=two", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    run_dir = tmp_path / "r" / "two" / Path(one.run_dir).name
+    rec = json.loads((run_dir / "record.json").read_text())
+    assert rec["status"] == "completed" and rec["env"]["world_size"] == 2, rec["error"]
+    got, want = _losses(run_dir), _losses(Path(one.run_dir))
+    assert len(got) == len(want) == 10
+    for (s, a), (_, b) in zip(got, want):
+        assert a == pytest.approx(b, abs=1e-5), s
+    _assert_same_adapter(run_dir, Path(one.run_dir), atol=1e-5)
     assert not _leftovers(str(tmp_path))

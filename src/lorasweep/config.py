@@ -496,9 +496,6 @@ def _check_distributed(cfg: RunConfig, bad) -> None:
         if tr.devices > torch.cuda.device_count():
             bad("train.devices", tr.devices, f"only {torch.cuda.device_count()} GPU(s) visible on this node; "
                 f"one process per GPU")
-    if cfg.precision.quant != "none":
-        bad("precision.quant", cfg.precision.quant, "4-bit bases on several processes are not available yet; "
-            "use train.devices=1 or precision=bf16_true/fp32")
     if tr.compile:
         bad("train.compile", tr.compile, "torch.compile on several processes is not available yet; set train.compile=false")
 
