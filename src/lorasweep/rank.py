@@ -166,13 +166,13 @@ def train_rank(spec: dict, rank: int, world: int, local_rank: int) -> None:
         from .pipeline import validation_scores
 
         metrics.update(validation_scores(cfg, model, prepared, loaded.tokenizer, device, autocast))
+        if cfg.lora.method == "lora" and cfg.train.save_adapter and result.steps > 0:
+            adapter_stage.save_adapter(model, info, run_dir / "adapter")
         if cfg.eval.tasks:
             from .pipeline import _base_scores, _benchmark, _deltas
 
             metrics.update(_benchmark(cfg, model, loaded.tokenizer, spec.get("include_path"), run_dir, device,
                                       "eval", spec["show_progress"], autocast))
-            if cfg.lora.method == "lora" and cfg.train.save_adapter and result.steps > 0:
-                adapter_stage.save_adapter(model, info, run_dir / "adapter")
             if cfg.eval.baseline:
                 # The study's cached base scores, else a fresh unmodified base scored here: the
                 # weights in memory are tuned now (and PiSSA/OLoRA or full fine-tuning change the base).
@@ -189,8 +189,6 @@ def train_rank(spec: dict, rank: int, world: int, local_rank: int) -> None:
             else:
                 metrics[k] = max(metrics.get(k, 0.0), v)
                 metrics[k.replace("mem/", "mem/rank0/", 1)] = max(metrics.get(k.replace("mem/", "mem/rank0/", 1), 0.0), v)
-        if not cfg.eval.tasks and cfg.lora.method == "lora" and cfg.train.save_adapter and result.steps > 0:
-            adapter_stage.save_adapter(model, info, run_dir / "adapter")  # (with tasks: saved above)
         checkpoints.clear()
     else:
         dist.destroy_process_group()
