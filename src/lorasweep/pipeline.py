@@ -186,7 +186,7 @@ def _base_scores(cfg: RunConfig, model, tokenizer, include_path, run_dir: Path, 
         m = json.loads(cached.read_text())
         log.info("base-model scores reused from %s (same model, precision, data and eval settings)", cached)
         return {**m, "eval_base/reused": 1, "time/eval_base_s": 0.0}
-    if not isinstance(model, torch.nn.Module):
+    if callable(model) and not isinstance(model, torch.nn.Module):
         model = model()  # a loader: the base is loaded only when its scores are not cached yet
     m = _benchmark(cfg, model, tokenizer, include_path, run_dir, device, "eval_base", show_progress, autocast_dtype)
     write_json_atomic(cached, m)
