@@ -13,7 +13,12 @@ from .loss import batch_loss_sum
 
 @torch.no_grad()
 def validation_loss(model: torch.nn.Module, val: Batches, *, device: torch.device,
-                    autocast_dtype: torch.dtype | None, loss_head: str = "labelled") -> dict[str, float]:
+                    autocast_dtype: torch.dtype | None, loss_head: str = "labelled",
+                    loss_sum=None) -> dict[str, float]:
+    """``loss_sum(inputs)``: the batch's loss sum, when not ``batch_loss_sum(model, ...)`` (a run on
+    several processes passes its sharded loss module, whose forward every rank must call)."""
+    if loss_sum is None:
+        loss_sum = lambda inputs: batch_loss_sum(model, inputs, loss_head)  # noqa: E731
     was_training = model.training
     model.eval()
     t0 = time.perf_counter()
@@ -22,7 +27,7 @@ def validation_loss(model: torch.nn.Module, val: Batches, *, device: torch.devic
     ctx = torch.autocast(device_type=device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
     for b in val.epoch(0):
         with ctx:  # the training objective's sum, so val/loss and train/loss are on one basis
-            total += batch_loss_sum(model, {k: b[k].to(device) for k in ("input_ids", "attention_mask", "labels")}, loss_head).double()
+            total += loss_sum({k: b[k].to(device) for k in ("input_ids", "attention_mask", "labels")}).double()
         count += b["n_loss_tokens"]
     model.train(was_training)
     loss = float(total) / max(count, 1)

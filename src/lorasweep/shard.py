@@ -124,23 +124,14 @@ class Shard:
         set_state_dict(self.module, opt, model_state_dict=state["model"], optim_state_dict=state["optim"],
                        options=StateDictOptions(ignore_frozen_params=True, strict=False))
 
-    @torch.no_grad()
     def validation_loss(self, val, device: torch.device, autocast_dtype: torch.dtype | None) -> dict:
         """The periodic validation loss (train.eval_every), computed by every rank on the same
-        batches: FSDP's forward is a collective, and a DDP rank holds the whole model. The same sum
-        over the same loss tokens as a one-process run (evaluate.validation_loss)."""
+        batches through the loss module: FSDP's forward is a collective, and a DDP rank holds the
+        whole model. The one-process run's sum over the same loss tokens."""
+        from .evaluate import validation_loss
+
         module = self.module if self.fsdp else self.ddp.module
-        was_training = module.training
-        module.eval()
-        total = torch.zeros((), dtype=torch.float64, device=device)
-        count = 0
-        ctx = torch.autocast(device_type=device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
-        for b in val.epoch(0):
-            with ctx:
-                total += module({k: b[k].to(device) for k in ("input_ids", "attention_mask", "labels")}).double()
-            count += b["n_loss_tokens"]
-        module.train(was_training)
-        return {"val/loss": float(total) / max(count, 1)}
+        return validation_loss(module, val, device=device, autocast_dtype=autocast_dtype, loss_sum=module)
 
     def rows(self, batch: dict) -> dict:
         """This rank's rows of a global micro-batch. An epoch's short last micro-batch may leave a
