@@ -26,6 +26,23 @@ def _curves(n_runs: int, steps: list[int], seed: int) -> list[dict[int, float]]:
     return out
 
 
+def _race(trial, curve: dict[int, float], steps: list[int], ours_rule) -> tuple[int | None, int | None, dict]:
+    """Report a curve to an Optuna trial step by step; the first step at which our rule
+    (ours_rule(own_curve, step)) and Optuna's pruner would stop it, and the curve seen so far."""
+    own: dict[int, float] = {}
+    ours = theirs = None
+    for s in steps:
+        trial.report(curve[s], s)
+        own[s] = curve[s]
+        if ours is None and ours_rule(own, s).prune:
+            ours = s
+        if theirs is None and trial.should_prune():
+            theirs = s
+        if ours is not None or theirs is not None:
+            break
+    return ours, theirs, own
+
+
 # ------------------------------------------------------------------ the rules, against Optuna's pruners
 
 @pytest.mark.parametrize("warmup,min_runs", [(0, 1), (4, 3), (10, 2)])
@@ -41,17 +58,8 @@ def test_median_rule_decides_as_optunas_median_pruner(warmup, min_runs):
         finished: list[Curve] = []  # the folder as the pruner would read it
         for i, curve in enumerate(curves):
             trial = study.ask()
-            own: dict[int, float] = {}
-            ours = theirs = None
-            for s in steps:
-                trial.report(curve[s], s)
-                own[s] = curve[s]
-                if ours is None and median_rule(own, s, finished, warmup_steps=warmup, min_runs=min_runs).prune:
-                    ours = s
-                if theirs is None and trial.should_prune():
-                    theirs = s
-                if ours is not None or theirs is not None:
-                    break
+            ours, theirs, own = _race(trial, curve, steps, lambda own, s: median_rule(
+                own, s, finished, warmup_steps=warmup, min_runs=min_runs))
             assert ours == theirs, f"seed {seed} run {i}: ours stops at {ours}, Optuna at {theirs}"
             if theirs is None:
                 study.tell(trial, curve[steps[-1]])
@@ -76,18 +84,8 @@ def test_asha_rule_decides_as_optunas_successive_halving(factor, min_steps, ever
         pruned = 0
         for i, curve in enumerate(curves):
             trial = study.ask()
-            own: dict[int, float] = {}
-            ours = theirs = None
-            for s in steps:
-                trial.report(curve[s], s)
-                own[s] = curve[s]
-                if ours is None and asha_rule(own, s, seen, warmup_steps=0, min_runs=1, factor=factor,
-                                              min_steps=min_steps).prune:
-                    ours = s
-                if theirs is None and trial.should_prune():
-                    theirs = s
-                if ours is not None or theirs is not None:
-                    break
+            ours, theirs, own = _race(trial, curve, steps, lambda own, s: asha_rule(
+                own, s, seen, warmup_steps=0, min_runs=1, factor=factor, min_steps=min_steps))
             assert ours == theirs, f"seed {seed} run {i}: ours stops at {ours}, Optuna at {theirs}"
             pruned += theirs is not None
             study.tell(trial, curve[steps[-1]]) if theirs is None else study.tell(trial, state=optuna.trial.TrialState.PRUNED)

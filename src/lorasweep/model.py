@@ -35,8 +35,13 @@ def cache_dir() -> Path:
     return d
 
 
-def _publish(tmp: Path, final: Path) -> Path:
-    """Atomically move a finished folder into place; a concurrent writer that won keeps its copy."""
+def _publish(model, tok, final: Path) -> Path:
+    """Save model and tokenizer to a temp folder, then move it into place atomically; a concurrent
+    writer that won keeps its copy."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=".tmp-"))
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
     try:
         os.replace(tmp, final) if not final.exists() else shutil.rmtree(tmp)
     except OSError:
@@ -86,11 +91,7 @@ def tiny_llama_dir(layers: int, hidden: int) -> Path:
     torch.manual_seed(0)  # the same "pretrained" tiny model on every machine
     model = LlamaForCausalLM(cfg)
     torch.random.set_rng_state(gen)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=".tmp-"))
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    return _publish(tmp, final)
+    return _publish(model, tok, final)
 
 
 # ---------------------------------------------------------------- smollm2_135m (offline default)
@@ -133,11 +134,7 @@ def smollm2_dir() -> Path:
         del cfg.quantization_config
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     model.load_state_dict(src.state_dict())
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=".tmp-"))
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    return _publish(tmp, final)
+    return _publish(model, tok, final)
 
 
 def minilm_l6_dir() -> Path:
