@@ -34,10 +34,10 @@ from pathlib import Path
 import torch
 
 import benchutil as U
-from lorasweep import adapter as adapter_stage
-from lorasweep import data as data_stage
+from lorasweep.run import adapter as adapter_stage
+from lorasweep.run import data as data_stage
 from lorasweep.config import DataConfig, LoraConfig
-from lorasweep.loss import batch_loss_sum, describe
+from lorasweep.run.loss import batch_loss_sum, describe
 
 ALPACA = Path(__file__).resolve().parents[2] / "shared" / "data" / "alpaca" / "alpaca_5000.json"
 PATHS = ("labelled", "full")
@@ -198,7 +198,7 @@ def compare(name: str, model, batches, a, device) -> dict:
 
 def compile_check(model, batches, a, device) -> dict:
     """Eager vs train.compile (the decoder compiled), labelled path, quickstart batches."""
-    from lorasweep.compiling import compiled_part, uncompile
+    from lorasweep.run.compiling import compiled_part, uncompile
 
     init = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     print(f"\n== compile: {len(batches)} steps, eager vs torch.compile of the decoder (labelled path)", flush=True)

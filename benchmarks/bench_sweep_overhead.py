@@ -73,7 +73,7 @@ def main() -> None:
     print(f"fresh process, no training: {', '.join(f'{s:.1f}' for s in fresh)} s", flush=True)
 
     # 2./3. in one process, the basic launcher's way; the first run pays imports and is not counted
-    from lorasweep import basecache, pipeline
+    from lorasweep.run import basecache, pipeline
 
     # Count the CPU time spent training/validating, to take it out of the run's CPU time as well:
     # on a shared machine wall time also counts other jobs' turns on the cores.

@@ -2,7 +2,7 @@
 
 Both train the same PEFT-wrapped model (LoRA r=8, alpha=16, q/v; AdamW lr 2e-4, clip 1.0) on
 fixed-length random tokens (every token trained; --answer-tokens N: only each row's last N, the
-rest masked like a prompt, where the harness's loss head skips the masked positions). The harness side is lorasweep.train.train with
+rest masked like a prompt, where the harness's loss head skips the masked positions). The harness side is lorasweep.run.train.train with
 its real per-step machinery (batch collation from token lists, step records written to
 steps.jsonl, memory readings, schedule); the bare side reuses pre-built tensors. Trials alternate
 harness/bare and the LoRA weights are reset before each, so both see the same work and the
@@ -22,12 +22,12 @@ from pathlib import Path
 import torch
 
 import benchutil as U
-from lorasweep import adapter as adapter_stage
-from lorasweep import train as train_stage
+from lorasweep.run import adapter as adapter_stage
+from lorasweep.run import train as train_stage
 from lorasweep.config import LoraConfig, OptimizerConfig, TrainConfig
-from lorasweep.data import Batches
-from lorasweep.memory import PeakTracker
-from lorasweep.record import RunRecord
+from lorasweep.run.data import Batches
+from lorasweep.run.memory import PeakTracker
+from lorasweep.run.record import RunRecord
 
 
 def main() -> None:
@@ -140,7 +140,7 @@ def main() -> None:
            "steps": a.steps, "repeats": a.repeats, "threads": torch.get_num_threads(),
            "harness_tokens_per_s": h, "bare_tokens_per_s": b, "wall_ratio": h / b,
            "harness_tokens_per_cpu_s": hc, "bare_tokens_per_cpu_s": bc, "cpu_ratio": hc / bc, "ratio": ratio}
-    rows = [["harness (lorasweep.train)", h, hc], ["bare PEFT loop", b, bc]]
+    rows = [["harness (lorasweep.run.train)", h, hc], ["bare PEFT loop", b, bc]]
     header = ["loop", "tokens/s wall (median)", "tokens/CPU-s (median)"]
     peak = U.peak_flops(device)
     if device.type == "cuda":

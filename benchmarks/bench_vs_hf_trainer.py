@@ -30,11 +30,11 @@ from pathlib import Path
 import torch
 
 import benchutil as U
-from lorasweep import adapter as adapter_stage
-from lorasweep import data as data_stage
-from lorasweep import train as train_stage
+from lorasweep.run import adapter as adapter_stage
+from lorasweep.run import data as data_stage
+from lorasweep.run import train as train_stage
 from lorasweep.config import DataConfig, LoraConfig, OptimizerConfig, TrainConfig
-from lorasweep.packing import fill_rate, pack_examples
+from lorasweep.run.packing import fill_rate, pack_examples
 
 DEFAULT_DATA = "/work/shared/data/alpaca/alpaca_5000.json"
 

@@ -10,7 +10,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from lorasweep import model as model_stage  # noqa: E402
+from lorasweep.run import model as model_stage  # noqa: E402
 from lorasweep.config import ModelConfig, PrecisionConfig  # noqa: E402
 
 PRECISIONS = {

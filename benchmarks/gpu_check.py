@@ -108,7 +108,7 @@ def py(env: dict, code: str, timeout: float) -> dict:
 
 PROBE = r"""
 import json, platform, torch
-from lorasweep.model import tf32_enabled
+from lorasweep.run.model import tf32_enabled
 d = {"torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
      "tf32_default": tf32_enabled()}
 for pkg in ("transformers", "peft", "accelerate", "bitsandbytes", "hydra-core"):
@@ -170,7 +170,7 @@ def run_tests(env: dict, out: Path, timeout: float) -> dict:
 BUILD = r"""
 import json, torch
 from transformers import LlamaConfig, LlamaForCausalLM
-from lorasweep.model import char_tokenizer
+from lorasweep.run.model import char_tokenizer
 tok = char_tokenizer()
 cfg = LlamaConfig(**SHAPE, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
 torch.manual_seed(0)

@@ -53,7 +53,7 @@ def overrides(model: str, prec: str, r: int, batch: int, seq: int, targets: str,
 
 def predicted(ovr: list[str], device_type: str) -> float:
     from lorasweep.plan_cli import compose_run_config
-    from lorasweep.planner import plan_run
+    from lorasweep.analysis.planner import plan_run
 
     return plan_run(compose_run_config(ovr), device_type=device_type).peak_gb
 
@@ -111,7 +111,7 @@ def llama7b_dir(root: Path) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from lorasweep.model import char_tokenizer
+    from lorasweep.run.model import char_tokenizer
 
     tok = char_tokenizer()
     cfg = LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,

@@ -10,7 +10,7 @@ import os
 import time
 from pathlib import Path
 
-from lorasweep import preempt, record
+from lorasweep.run import preempt, record
 from lorasweep.cli import main
 
 _k, _step, _marker = os.environ["LORASWEEP_TEST_HOLD"].split(":", 2)

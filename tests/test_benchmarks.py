@@ -1,4 +1,4 @@
-"""Benchmark evaluation (lorasweep.benchmarks) on a tiny offline Llama and char-level tokenizer."""
+"""Benchmark evaluation (lorasweep.run.benchmarks) on a tiny offline Llama and char-level tokenizer."""
 from __future__ import annotations
 
 import json
@@ -16,7 +16,7 @@ from lm_eval import simple_evaluate  # noqa: E402
 from lm_eval.models.huggingface import HFLM  # noqa: E402
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers  # noqa: E402
 
-from lorasweep import benchmarks as B  # noqa: E402
+from lorasweep.run import benchmarks as B  # noqa: E402
 
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
 MAX_NEW = 4

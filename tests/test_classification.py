@@ -5,11 +5,11 @@ from pathlib import Path
 import pytest
 
 from conftest import compose
-from lorasweep import classification as cls
-from lorasweep import pipeline
+from lorasweep.run import classification as cls
+from lorasweep.run import pipeline
 from lorasweep.config import DataConfig
-from lorasweep.data import DataError
-from lorasweep.record import read_record
+from lorasweep.run.data import DataError
+from lorasweep.run.record import read_record
 from tiny_encoder import tiny_bert_dir, write_glue_folder
 
 
@@ -76,7 +76,7 @@ def test_bad_input_fails_the_run_before_weights_load(tmp_path, bert, monkeypatch
     folder = tmp_path / "bad"
     folder.mkdir()
     (folder / "train.tsv").write_text("sentence\tlabel\nfine\t7\n")
-    from lorasweep import model as model_stage
+    from lorasweep.run import model as model_stage
 
     monkeypatch.setattr(model_stage, "build_model", lambda *a, **k: pytest.fail("weights loaded"))
     out = _run(tmp_path, bert, "data=sst2", f"data.path={folder}")

@@ -2,7 +2,7 @@
 import pytest
 
 from conftest import compose
-from lorasweep.data import IGNORE, Batches, DataError, arithmetic_splits, read_records, tokenize
+from lorasweep.run.data import IGNORE, Batches, DataError, arithmetic_splits, read_records, tokenize
 
 
 def test_arithmetic_is_deterministic_and_disjoint():
@@ -18,7 +18,7 @@ def test_arithmetic_is_deterministic_and_disjoint():
 
 
 def test_loss_is_masked_on_the_prompt_by_default():
-    from lorasweep.model import char_tokenizer
+    from lorasweep.run.model import char_tokenizer
 
     tok = char_tokenizer()
     dc = compose("model=tiny_llama", "data.template=alpaca").data
@@ -41,7 +41,7 @@ def test_group_by_length_keeps_every_example_once():
 def test_records_missing_fields_are_named(tmp_path):
     f = tmp_path / "x.jsonl"
     f.write_text('{"instruction": "a"}\n')
-    from lorasweep.data import instruction_records
+    from lorasweep.run.data import instruction_records
 
     with pytest.raises(DataError, match="record 1 needs 'instruction' and 'output'"):
         instruction_records(read_records(str(f)), "x")

@@ -15,10 +15,10 @@ from safetensors.torch import load_file
 
 from conftest import compose
 from slurm_fixture import local_slurm  # noqa: F401  (pytest fixture)
-from lorasweep import pipeline
+from lorasweep.run import pipeline
 from lorasweep.config import ConfigError, run_id, validate
-from lorasweep.pruner import read_curve
-from lorasweep.shard import row_slice
+from lorasweep.study.pruner import read_curve
+from lorasweep.distributed.shard import row_slice
 
 # 21 examples in micro-batches of 4: each epoch ends on a one-row micro-batch, which leaves rank 1
 # no row (it runs with weight 0); accumulation 2 puts it in a short step of its own.
@@ -66,7 +66,7 @@ def _leftovers(marker: str) -> list[str]:
                 cmd = (p / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
             except OSError:
                 continue
-            if marker in cmd and ("lorasweep.rank" in cmd or "torch.distributed.run" in cmd):
+            if marker in cmd and ("lorasweep.distributed.rank" in cmd or "torch.distributed.run" in cmd):
                 out.append(f"{p.name}: {cmd}")
     return out
 
@@ -166,8 +166,8 @@ def test_fsdp_two_process_sweep_matches_one_process(one_process, tmp_path):
 
 
 def test_planner_shards_fsdp_state_per_rank():
-    from lorasweep.distributed import per_rank
-    from lorasweep.planner import plan_run
+    from lorasweep.distributed.launch import per_rank
+    from lorasweep.analysis.planner import plan_run
 
     base = ["model=tiny_llama", "lora=full", "train.batch_size=4", "train.max_seq_len=64"]
     one = plan_run(compose(*base), "cpu", seq_len=None)

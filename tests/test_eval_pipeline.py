@@ -2,7 +2,7 @@
 import json
 from pathlib import Path
 
-from lorasweep import pipeline
+from lorasweep.run import pipeline
 
 
 def test_arithmetic_benchmark_with_baseline_and_delta(tiny):

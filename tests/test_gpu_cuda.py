@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from conftest import compose
-from lorasweep import model as model_stage
-from lorasweep import pipeline
+from lorasweep.run import model as model_stage
+from lorasweep.run import pipeline
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -95,7 +95,7 @@ def test_mixed_lora_base_is_stored_in_16_bits_on_the_gpu_and_costs_less():
 
 def test_fused_adamw_on_cuda():
     from lorasweep.config import OptimizerConfig
-    from lorasweep.train import build_optimizer
+    from lorasweep.run.train import build_optimizer
 
     p = torch.nn.Parameter(torch.zeros(4, device="cuda"))
     assert build_optimizer([{"params": [p], "weight_decay": 0.0}], OptimizerConfig()).defaults["fused"] is True

@@ -17,10 +17,11 @@ import pytest
 import torch
 
 from conftest import REPO, compose
-from lorasweep import adapter as adapter_stage
+from lorasweep.run import adapter as adapter_stage
 from lorasweep import config as config_mod
-from lorasweep import model as model_stage
-from lorasweep import pipeline, planner
+from lorasweep.run import model as model_stage
+from lorasweep.run import pipeline
+from lorasweep.analysis import planner
 from lorasweep.config import LoraConfig, ModelConfig, PrecisionConfig, config_hash, resolve, run_id, validate
 
 TINY = ModelConfig(name="tiny_llama", name_or_path="builtin:tiny_llama")
@@ -188,7 +189,7 @@ def test_weights_load_straight_onto_the_device_with_the_attention_asked():
 
 
 def test_the_quantizing_child_gets_the_attention_implementation(tmp_path, monkeypatch):
-    from lorasweep import qcache
+    from lorasweep.run import qcache
 
     seen = {}
 
@@ -213,7 +214,7 @@ def test_tf32_switch_and_its_restore():
 
 def test_adamw_is_fused_only_on_cuda():
     from lorasweep.config import OptimizerConfig
-    from lorasweep.train import build_optimizer
+    from lorasweep.run.train import build_optimizer
 
     p = torch.nn.Parameter(torch.zeros(4))
     opt = build_optimizer([{"params": [p], "weight_decay": 0.0}], OptimizerConfig())
@@ -321,7 +322,7 @@ def test_cuda_plan_counts_paged_8bit_states_of_small_tensors_and_adds_context_fo
 # ------------------------------------------------------------------ 8. launcher=parallel on GPUs
 
 def test_parallel_runs_at_most_one_per_gpu_unless_asked():
-    from lorasweep.sweep import parallel_cap
+    from lorasweep.study.sweep import parallel_cap
 
     assert parallel_cap(2, n_gpus=1) == 1  # launcher=parallel's default 2 at once, one GPU
     assert parallel_cap(None, n_gpus=4) == 4  # submitit_local: the whole grid at once
@@ -331,7 +332,7 @@ def test_parallel_runs_at_most_one_per_gpu_unless_asked():
 
 
 def test_a_jobs_empty_cuda_visible_devices_never_sends_it_to_the_cpu():
-    from lorasweep.sweep import job_gpu
+    from lorasweep.study.sweep import job_gpu
 
     assert job_gpu("", ["0", "1"], 3) == ("set", "1")  # submitit's "" replaced by the job's own GPU
     assert job_gpu("", [], 0) == ("unset", None)  # launcher saw no GPU (hidden /proc): let the job look
@@ -340,7 +341,7 @@ def test_a_jobs_empty_cuda_visible_devices_never_sends_it_to_the_cpu():
 
 
 def test_visible_gpus_reads_the_environment(monkeypatch):
-    from lorasweep.sweep import visible_gpus
+    from lorasweep.study.sweep import visible_gpus
 
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
     assert visible_gpus() == ["3", "5"]
@@ -353,7 +354,7 @@ def test_the_sweep_callback_caps_the_parallel_launcher_config():
     from hydra.core.global_hydra import GlobalHydra
 
     from lorasweep.cli import conf_dir, register_schema
-    from lorasweep.sweep import _cap_to_gpus
+    from lorasweep.study.sweep import _cap_to_gpus
 
     def composed(*overrides):
         register_schema()

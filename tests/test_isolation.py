@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import compose
-from lorasweep import basecache, pipeline
+from lorasweep.run import basecache, pipeline
 from tiny_encoder import tiny_bert_dir, write_glue_folder
 
 HERE = Path(__file__).resolve().parent
@@ -32,7 +32,7 @@ def test_one_process_sweep_of_two_seeds_with_reuse_equals_fresh_processes(tmp_pa
                 for s in (0, 1)]
     finally:
         basecache.drop()
-    code = ("import json, sys; sys.path.insert(0, %r); from conftest import compose; from lorasweep import pipeline; "
+    code = ("import json, sys; sys.path.insert(0, %r); from conftest import compose; from lorasweep.run import pipeline; "
             "o = pipeline.run(compose(*sys.argv[1:]), show_progress=False); print(json.dumps(o.metrics))") % str(HERE)
     fresh = []
     for s in (0, 1):

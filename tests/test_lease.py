@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from lorasweep.lease import LEASE, HeldElsewhere, Lease, is_stale
+from lorasweep.study.lease import LEASE, HeldElsewhere, Lease, is_stale
 
 
 def _write(path: Path, **holder):

@@ -17,13 +17,14 @@ import pytest
 import torch
 
 from conftest import REPO, compose
-from lorasweep import adapter as adapter_stage
-from lorasweep import merge, pipeline, switch, train as train_stage
+from lorasweep.run import adapter as adapter_stage
+from lorasweep import merge, switch
+from lorasweep.run import pipeline, train as train_stage
 from lorasweep.config import ConfigError, validate
-from lorasweep.model import build_model, build_skeleton
-from lorasweep.planner import plan
-from lorasweep.record import read_record
-from lorasweep.reload import RunFolderError
+from lorasweep.run.model import build_model, build_skeleton
+from lorasweep.analysis.planner import plan
+from lorasweep.run.record import read_record
+from lorasweep.run.reload import RunFolderError
 
 CPU = torch.device("cpu")
 
@@ -159,7 +160,7 @@ def test_loftq_start_is_closer_to_the_full_precision_model_than_the_4bit_base(ti
     lorasweep's part is tested here: the checkpoint it reads and the scaling it undoes."""
     import bitsandbytes as bnb
     import peft.utils.loftq_utils as loftq
-    from lorasweep.model import resolve_source
+    from lorasweep.run.model import resolve_source
 
     def cpu_init(qweight, weight, num_bits, reduced_rank):
         residual = weight.float() - bnb.functional.dequantize_4bit(qweight.data, qweight.quant_state)
@@ -346,7 +347,7 @@ def test_dora_with_pissa_is_fine_when_nothing_is_saved(tiny):
     (["lora.exclude_modules=[q_proj,v_proj]"], "lora.exclude_modules / lora.layers_to_transform"),
 ])
 def test_patterns_that_name_nothing_are_refused_before_weights_load(tiny, overrides, field, monkeypatch):
-    import lorasweep.model as model_stage
+    import lorasweep.run.model as model_stage
 
     cfg = tiny(*overrides)
     validate(cfg)  # well-formed: only the model's module names show the mistake
@@ -368,7 +369,7 @@ def test_planner_counts_dora_magnitudes_and_activations(tiny):
 
 @pytest.mark.slow
 def test_lora_variants_study_runs_every_arm_and_reports_by_variant(tmp_path):
-    from lorasweep.report import load_study, write_report
+    from lorasweep.analysis.report import load_study, write_report
 
     out = tmp_path / "r"
     cmd = [sys.executable, "-m", "lorasweep.cli", "sweep=lora_variants", "model=tiny_llama", "seed=0",

@@ -11,7 +11,7 @@ import torch
 import transformers
 from peft import LoraConfig, get_peft_model
 
-from lorasweep import loss as L
+from lorasweep.run import loss as L
 
 VOCAB = 97
 IGNORE = -100
@@ -62,7 +62,7 @@ def _unpacked_batch(seed: int = 0) -> dict:
 
 def _packed_batch(seed: int = 0) -> dict:
     """Two rows, each holding several examples with their own position ids (packing.py's layout)."""
-    from lorasweep.packing import join
+    from lorasweep.run.packing import join
 
     g = torch.Generator().manual_seed(seed)
 
@@ -255,9 +255,9 @@ def test_compile_warm_up_trains_nothing_and_is_undone():
     """train.compile: the decoder compiled in place, a warm-up step that leaves weights, gradients
     and RNG as they were, the same loss afterwards, and eager again after uncompile (torch.compile's
     'eager' backend here: dynamo's tracing without inductor's C++ build)."""
-    from lorasweep import compiling
+    from lorasweep.run import compiling
     from lorasweep.config import TrainConfig
-    from lorasweep.data import Batches
+    from lorasweep.run.data import Batches
 
     torch.manual_seed(0)
     model = _lora(_llama(False))

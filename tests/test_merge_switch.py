@@ -5,9 +5,10 @@ from pathlib import Path
 import pytest
 
 from conftest import compose
-from lorasweep import merge, pipeline, switch
-from lorasweep.record import read_record
-from lorasweep.reload import RunFolderError
+from lorasweep import merge, switch
+from lorasweep.run import pipeline
+from lorasweep.run.record import read_record
+from lorasweep.run.reload import RunFolderError
 from tiny_encoder import tiny_bert_dir, write_glue_folder
 
 

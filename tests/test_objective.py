@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from conftest import compose
-from lorasweep import pipeline
+from lorasweep.run import pipeline
 
 
 def _alpaca_file(path: Path) -> str:
@@ -79,8 +79,8 @@ def test_logged_lr_is_the_rate_the_optimizer_used(tmp_path):
 def test_biases_and_norms_do_not_decay(tmp_path):
     cfg = compose("model=tiny_llama", "logger=none", "eval=none", "lora=full", "optimizer.weight_decay=0.1",
                   "train.max_steps=1", "train.max_seq_len=80", "data.n_train=8", f"results_dir={tmp_path}")
-    from lorasweep import model as model_stage
-    from lorasweep.train import decay_groups
+    from lorasweep.run import model as model_stage
+    from lorasweep.run.train import decay_groups
 
     loaded = model_stage.build_model(cfg.model, cfg.precision, torch.device("cpu"))
     for p in loaded.model.parameters():

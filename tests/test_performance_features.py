@@ -7,12 +7,12 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from lorasweep import basecache, pipeline  # noqa: E402
-from lorasweep import data as D  # noqa: E402
-from lorasweep import model as M  # noqa: E402
-from lorasweep.cache import cached_examples  # noqa: E402
+from lorasweep.run import basecache, pipeline  # noqa: E402
+from lorasweep.run import data as D  # noqa: E402
+from lorasweep.run import model as M  # noqa: E402
+from lorasweep.run.cache import cached_examples  # noqa: E402
 from lorasweep.config import DataConfig, ModelConfig, PrecisionConfig, TrainConfig  # noqa: E402
-from lorasweep.packing import fill_rate, pack_examples  # noqa: E402
+from lorasweep.run.packing import fill_rate, pack_examples  # noqa: E402
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -12,7 +12,7 @@ import pytest
 from conftest import compose
 from test_sweep import TINY, lorasweep, records
 
-from lorasweep.pruner import (CURVE, Curve, append_point, asha_rule, median_rule, read_curve, rung_steps,
+from lorasweep.study.pruner import (CURVE, Curve, append_point, asha_rule, median_rule, read_curve, rung_steps,
                               study_curves)
 
 
@@ -161,7 +161,7 @@ def test_periodic_validation_and_pruner_are_not_part_of_the_run_identity():
 # ------------------------------------------------------------------ in a real run (tiny model)
 
 def test_validation_curve_does_not_change_training(tiny):
-    from lorasweep.pipeline import run
+    from lorasweep.run.pipeline import run
 
     a = run(tiny("train.max_steps=6", "study=a", "train.num_threads=1"), show_progress=False)
     b = run(tiny("train.max_steps=6", "train.eval_every=2", "train.eval_examples=8", "study=b", "train.num_threads=1"),
@@ -175,7 +175,7 @@ def test_validation_curve_does_not_change_training(tiny):
 
 def test_losing_run_is_pruned_with_its_verdict_and_not_retrained(tiny):
     """Two runs that learn, then one that cannot (lr 1e-9): stopped at the first check after warm-up."""
-    from lorasweep.pipeline import run
+    from lorasweep.run.pipeline import run
 
     common = ["train.max_steps=8", "train.eval_every=2", "train.eval_examples=8", "pruner=median",
               "pruner.min_runs=2", "pruner.warmup_steps=4", "train.save_adapter=false", "train.num_threads=1"]
@@ -212,7 +212,7 @@ def test_grid_with_median_pruner_prunes_reports_and_relaunches(tmp_path):
     recs = records(tmp_path / "results" / "g")
     assert sorted(v["status"] for v in recs.values()) == ["completed", "completed", "pruned"]
 
-    from lorasweep.report import main as report_main
+    from lorasweep.analysis.report import main as report_main
 
     report_main([str(tmp_path / "results" / "g")])
     md = (tmp_path / "results" / "g" / "trials.md").read_text()

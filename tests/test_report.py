@@ -18,7 +18,7 @@ TINY = ["model=tiny_llama", "logger=none", "eval=val", "train.max_steps=2", "tra
 
 
 def _run(root: Path, *overrides: str):
-    from lorasweep import pipeline
+    from lorasweep.run import pipeline
 
     return pipeline.run(compose(*TINY, f"results_dir={root}", *overrides), show_progress=False)
 
@@ -41,7 +41,7 @@ def studies(tmp_path_factory):
 
 
 def test_load_study_columns(studies):
-    from lorasweep.report import load_study
+    from lorasweep.analysis.report import load_study
 
     df = load_study(studies / "rank_alpha")
     assert len(df) == 5
@@ -54,7 +54,7 @@ def test_load_study_columns(studies):
 
 
 def test_write_report_rank_alpha(studies):
-    from lorasweep.report import write_report
+    from lorasweep.analysis.report import write_report
 
     paths = write_report(studies / "rank_alpha", baseline="r=2, alpha=1")
     csv = pd.read_csv(paths["csv"])
@@ -69,7 +69,7 @@ def test_write_report_rank_alpha(studies):
 
 
 def test_qlora_table_prints_article_figures(studies):
-    from lorasweep.report import write_report
+    from lorasweep.analysis.report import write_report
 
     paths = write_report(studies / "qlora_vs_lora")
     md = paths["md"].read_text()
@@ -83,7 +83,7 @@ def test_qlora_table_prints_article_figures(studies):
 
 
 def test_seeds_mean_std(studies):
-    from lorasweep.report import write_report
+    from lorasweep.analysis.report import write_report
 
     paths = write_report(studies / "seeds")
     md = paths["md"].read_text()
@@ -94,7 +94,7 @@ def test_seeds_mean_std(studies):
 
 
 def test_bad_baseline_and_folder(studies, tmp_path):
-    from lorasweep.report import ReportError, write_report
+    from lorasweep.analysis.report import ReportError, write_report
 
     with pytest.raises(ReportError, match="baseline='precision=bf16'.*precision=fp32"):
         write_report(studies / "qlora_vs_lora", baseline="precision=bf16")
@@ -103,11 +103,11 @@ def test_bad_baseline_and_folder(studies, tmp_path):
 
 
 def test_command(studies):
-    out = subprocess.run([sys.executable, "-c", "from lorasweep.report import main; main()", str(studies / "seeds"),
+    out = subprocess.run([sys.executable, "-c", "from lorasweep.analysis.report import main; main()", str(studies / "seeds"),
                           "--baseline", "seed=1"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "seed_spread.png" in out.stdout and "| 1 (baseline) |" in out.stdout
-    bad = subprocess.run([sys.executable, "-c", "from lorasweep.report import main; main()", "/nonexistent"],
+    bad = subprocess.run([sys.executable, "-c", "from lorasweep.analysis.report import main; main()", "/nonexistent"],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "no such folder" in bad.stderr
 

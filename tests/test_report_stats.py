@@ -50,7 +50,7 @@ def two_arms(root, fp32, nf4, reference=None, metric="val/loss", name="syn"):
 # ----------------------------------------------------------------------------- intervals
 
 def test_t_interval_known_values():
-    from lorasweep.report_stats import t_interval
+    from lorasweep.analysis.report_stats import t_interval
 
     e = t_interval([1, 2, 3, 4, 5])
     assert e.n == 5 and e.mean == 3 and e.std == pytest.approx(math.sqrt(2.5))
@@ -63,7 +63,7 @@ def test_t_interval_known_values():
 
 
 def test_welch_interval_matches_scipy():
-    from lorasweep.report_stats import welch_interval
+    from lorasweep.analysis.report_stats import welch_interval
 
     a, b = [1.0, 2.0, 3.5], [4.0, 6.5, 8.0, 9.0]
     d = welch_interval(a, b)
@@ -75,7 +75,7 @@ def test_welch_interval_matches_scipy():
 
 
 def test_std_interval_brackets_the_sd():
-    from lorasweep.report_stats import std_interval
+    from lorasweep.analysis.report_stats import std_interval
 
     lo, hi = std_interval([1, 2, 3, 4, 5])
     s = math.sqrt(2.5)
@@ -84,7 +84,7 @@ def test_std_interval_brackets_the_sd():
 
 
 def test_arms_group_seeds_and_diff_against_baseline(tmp_path):
-    from lorasweep.report import arm_stats, load_study
+    from lorasweep.analysis.report import arm_stats, load_study
 
     folder = two_arms(tmp_path, [1.0, 2.0, 3.0], [4.0, 6.0, 8.0], {"baseline": "precision=fp32"})
     df = load_study(folder)
@@ -103,7 +103,7 @@ def test_arms_group_seeds_and_diff_against_baseline(tmp_path):
 # ----------------------------------------------------------------------------- verdicts
 
 def verdict(tmp_path, fp32, nf4, claim, metric="val/loss"):
-    from lorasweep.report import evaluate_claims, load_study
+    from lorasweep.analysis.report import evaluate_claims, load_study
 
     folder = two_arms(tmp_path, fp32, nf4, {"claims": [claim]}, metric=metric, name=f"s{len(list(tmp_path.iterdir()))}")
     (v,) = evaluate_claims(load_study(folder))
@@ -174,7 +174,7 @@ def rank_alpha_study(root, loss):
 
 
 def test_best_claim_per_group(tmp_path):
-    from lorasweep.report import evaluate_claims, load_study
+    from lorasweep.analysis.report import evaluate_claims, load_study
 
     good = rank_alpha_study(tmp_path / "a", lambda r, k, s: (1.0 if k == 2 else 1.5) + 0.01 * s)
     best, mem = evaluate_claims(load_study(good))
@@ -186,7 +186,7 @@ def test_best_claim_per_group(tmp_path):
 
 
 def test_spread_claim(tmp_path):
-    from lorasweep.report import evaluate_claims, load_study
+    from lorasweep.analysis.report import evaluate_claims, load_study
 
     claim = {"claims": [{"metric": "val/loss", "max_std": "2%"}]}
     calm = write_study(tmp_path, [({"seed": s}, {"val/loss": 2.0 + 0.001 * s}) for s in range(5)], claim, "calm")
@@ -205,7 +205,7 @@ def test_spread_claim(tmp_path):
     ({"metric": "val/loss", "best": "r=4", "margin": "lots"}, "margin='lots'"),
 ])
 def test_bad_claims_name_the_field(tmp_path, claim, message):
-    from lorasweep.report import ReportError, write_report
+    from lorasweep.analysis.report import ReportError, write_report
 
     folder = two_arms(tmp_path, [1, 2], [1, 2], {"claims": [claim]})
     with pytest.raises(ReportError, match=r"reference\.claims\[0\]") as e:
@@ -221,8 +221,8 @@ def test_study_claims_name_real_arms(study, tmp_path):
     """Every claim of every study file, on records made from the study's own grid (2 seeds each):
     each selector names an existing arm and each metric a column, so no verdict is a typo."""
     from lorasweep.config import to_dict
-    from lorasweep.report import evaluate_claims, load_study
-    from lorasweep.report_claims import parse_claims
+    from lorasweep.analysis.report import evaluate_claims, load_study
+    from lorasweep.analysis.report_claims import parse_claims
     from test_studies import grid
 
     ref = yaml.safe_load((REPO / "sweeps" / f"{study}.yaml").read_text())["reference"]
@@ -253,7 +253,7 @@ def test_study_claims_name_real_arms(study, tmp_path):
 # ----------------------------------------------------------------------------- the files
 
 def test_report_files_show_intervals_and_verdicts(tmp_path):
-    from lorasweep.report import write_report
+    from lorasweep.analysis.report import write_report
 
     folder = two_arms(tmp_path, [2.0, 2.1, 2.2], [1.0, 1.1, 1.2],
                       {"question": "q?", "baseline": "precision=fp32", "claims": [LESS, {**LESS, "compare": "precision=nf4 > precision=fp32"}]})
@@ -273,8 +273,8 @@ def test_report_files_show_intervals_and_verdicts(tmp_path):
 
 
 def test_heatmap_cells_show_mean_and_interval(tmp_path, monkeypatch):
-    from lorasweep import report_plots
-    from lorasweep.report import load_study, write_report
+    from lorasweep.analysis import report_plots
+    from lorasweep.analysis.report import load_study, write_report
 
     texts = []
     real = report_plots._save

@@ -14,8 +14,8 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import compose
-from lorasweep import pipeline
-from lorasweep.checkpoint import Checkpointer
+from lorasweep.run import pipeline
+from lorasweep.run.checkpoint import Checkpointer
 
 # dropout on, AdamW with warmup + cosine, accumulation: every state a resume must carry matters
 ARGS = ["model=tiny_llama", "logger=none", "eval=none", "lora.dropout=0.1", "optimizer=adamw_cosine",
@@ -123,7 +123,7 @@ def test_a_torn_newest_checkpoint_is_skipped_for_the_previous_one(tmp_path, refe
 def test_rerun_starts_over_and_keep_checkpoints_is_honoured(tmp_path):
     cfg = compose(*ARGS, "train.max_steps=7", "train.checkpoint_every=2", "train.keep_checkpoints=2",
                   f"results_dir={tmp_path}", "study=c")
-    from lorasweep import checkpoint as ck
+    from lorasweep.run import checkpoint as ck
 
     seen = []
     save = ck.Checkpointer.save

@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from lorasweep import pipeline
-from lorasweep.record import read_record
+from lorasweep.run import pipeline
+from lorasweep.run.record import read_record
 
 REQUIRED_METRICS = ["train/loss", "val/loss", "val/perplexity", "mem/peak_rss_gb", "time/train_s", "time/total_s",
                     "throughput/tokens_per_s", "params/trainable", "params/total"]
@@ -54,7 +54,7 @@ PINNED_LAST = 4.4153
 
 
 def test_lora_trains_only_the_adapter(tiny):
-    from lorasweep import adapter as ad, model as mo
+    from lorasweep.run import adapter as ad, model as mo
 
     cfg = tiny()
     loaded = mo.build_model(cfg.model, cfg.precision, torch.device("cpu"))
@@ -64,8 +64,8 @@ def test_lora_trains_only_the_adapter(tiny):
     assert trainable and all("lora_" in n for n in trainable)
     assert all(("q_proj" in n or "v_proj" in n) for n in trainable)
     assert info.trainable == sum(p.numel() for n, p in model.named_parameters() if n in trainable)
-    from lorasweep.data import prepare_data
-    from lorasweep.train import train
+    from lorasweep.run.data import prepare_data
+    from lorasweep.run.train import train
 
     data = prepare_data(cfg.data, loaded.tokenizer, max_seq_len=80, batch_size=4, seed=0)
     train(model, data.train, cfg.optimizer, cfg.train, device=torch.device("cpu"), autocast_dtype=None,
@@ -79,7 +79,7 @@ def test_lora_trains_only_the_adapter(tiny):
 
 
 def test_full_and_partial_methods_choose_what_trains(tiny):
-    from lorasweep import adapter as ad, model as mo
+    from lorasweep.run import adapter as ad, model as mo
 
     for method, check in (("full", lambda n: True), ("partial_qv", lambda n: "q_proj" in n or "v_proj" in n)):
         cfg = tiny(f"lora={method}")
@@ -93,7 +93,7 @@ def test_full_and_partial_methods_choose_what_trains(tiny):
 
 def test_failed_run_closes_wandb_and_records_failure(tiny, monkeypatch):
     import wandb
-    from lorasweep import train as train_stage
+    from lorasweep.run import train as train_stage
 
     def boom(*a, **k):
         raise RuntimeError("simulated crash in training")

@@ -37,7 +37,7 @@ def set_space(cfg, space: dict):
 
 
 def problems_of(*overrides, space=None, arguments=()):
-    from lorasweep.search import check
+    from lorasweep.study.search import check
 
     cfg = compose_search(*overrides)
     if space is not None:
@@ -48,7 +48,7 @@ def problems_of(*overrides, space=None, arguments=()):
 # ------------------------------------------------------------------ refused before any run
 
 def test_the_study_file_is_a_valid_search(tmp_path):
-    from lorasweep.search import check, is_search
+    from lorasweep.study.search import check, is_search
 
     cfg = compose_search(f"results_dir={tmp_path}")
     assert is_search(cfg) and check(cfg) == []
@@ -89,7 +89,7 @@ def test_cli_refuses_a_bad_search_before_any_run(tmp_path):
 def test_space_becomes_run_overrides(tmp_path):
     import optuna
 
-    from lorasweep.search import apply, job_config, parse_space, suggest
+    from lorasweep.study.search import apply, job_config, parse_space, suggest
 
     cfg = job_config(compose_search(f"results_dir={tmp_path}"))
     space = {"lora.r": {"type": "int", "low": 4, "high": 64, "log": True},
@@ -111,8 +111,8 @@ def test_space_becomes_run_overrides(tmp_path):
 
 def _fake_run(rc, show_progress=False):
     """A run that costs nothing: val/loss is best at lr 1e-2; runs below lr 1e-3 are 'pruned'."""
-    from lorasweep.pipeline import Outcome, run_dir_for
-    from lorasweep.pruner import append_point
+    from lorasweep.run.pipeline import Outcome, run_dir_for
+    from lorasweep.study.pruner import append_point
 
     d = run_dir_for(rc)
     d.mkdir(parents=True, exist_ok=True)
@@ -130,7 +130,7 @@ def _fake_run(rc, show_progress=False):
 
 
 def _prepared(tmp_path, *overrides):
-    from lorasweep.search import job_config, prepare
+    from lorasweep.study.search import job_config, prepare
 
     config = compose_search(f"results_dir={tmp_path}", *overrides)
     prepare(config, [f"results_dir={tmp_path}", *overrides], None)
@@ -139,16 +139,16 @@ def _prepared(tmp_path, *overrides):
 
 def _study(cfg):
     from lorasweep.cli import to_run_config
-    from lorasweep.search import open_study
+    from lorasweep.study.search import open_study
 
     return open_study(to_run_config(cfg))
 
 
 def test_two_workers_share_one_study_and_stop_at_n_trials(tmp_path, monkeypatch):
-    import lorasweep.pipeline
-    from lorasweep.search import compute, counts, work
+    import lorasweep.run.pipeline
+    from lorasweep.study.search import compute, counts, work
 
-    monkeypatch.setattr(lorasweep.pipeline, "run", _fake_run)
+    monkeypatch.setattr(lorasweep.run.pipeline, "run", _fake_run)
     _, cfg = _prepared(tmp_path, "search.n_trials=12", "search.n_startup_trials=4")
     children = []
     for job in range(2):  # two processes, as two parallel or SLURM jobs would be
@@ -179,11 +179,11 @@ def test_two_workers_share_one_study_and_stop_at_n_trials(tmp_path, monkeypatch)
 def test_a_trial_whose_worker_died_is_asked_again(tmp_path, monkeypatch):
     import socket
 
-    import lorasweep.pipeline
-    from lorasweep.search import counts, parse_space, suggest, work
+    import lorasweep.run.pipeline
+    from lorasweep.study.search import counts, parse_space, suggest, work
     from omegaconf import OmegaConf
 
-    monkeypatch.setattr(lorasweep.pipeline, "run", _fake_run)
+    monkeypatch.setattr(lorasweep.run.pipeline, "run", _fake_run)
     _, cfg = _prepared(tmp_path, "search.n_trials=4")
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
@@ -207,13 +207,13 @@ def test_a_trial_whose_worker_died_is_asked_again(tmp_path, monkeypatch):
 
 
 def test_grid_sampler_visits_every_point_once(tmp_path, monkeypatch):
-    import lorasweep.pipeline
-    from lorasweep.search import work
+    import lorasweep.run.pipeline
+    from lorasweep.study.search import work
 
-    monkeypatch.setattr(lorasweep.pipeline, "run", _fake_run)
+    monkeypatch.setattr(lorasweep.run.pipeline, "run", _fake_run)
     config = compose_search(f"results_dir={tmp_path}", "search.sampler=grid", "search.n_trials=6")
     set_space(config, {"optimizer.lr": {"choices": [1e-3, 1e-2, 1e-1]}, "lora.r": {"type": "int", "low": 2, "high": 4, "step": 2}})
-    from lorasweep.search import check, job_config, prepare
+    from lorasweep.study.search import check, job_config, prepare
 
     assert check(config) == []
     prepare(config, [], None)
@@ -226,7 +226,7 @@ def test_grid_sampler_visits_every_point_once(tmp_path, monkeypatch):
 # ------------------------------------------------------------------ a real search, killed and resumed
 
 def _journal_state(folder: Path) -> tuple[int, list]:
-    from lorasweep.search import load
+    from lorasweep.study.search import load
 
     study = load(folder) if (folder / "optuna.journal").exists() else None
     if study is None:
@@ -259,7 +259,7 @@ def test_search_prunes_survives_a_kill_and_resumes(tmp_path):
     r = lorasweep(*args, cwd=tmp_path)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "continuing: " in r.stdout and "best trial" in r.stdout and "rerun: lorasweep sweep=search_tiny_lr" in r.stdout
-    from lorasweep.search import counts, load
+    from lorasweep.study.search import counts, load
 
     study = load(folder)
     c = counts(study)
@@ -270,7 +270,7 @@ def test_search_prunes_survives_a_kill_and_resumes(tmp_path):
     assert all(after[k]["started_at"] == v for k, v in before.items())  # finished trials were not redone
     assert all(t.user_attrs.get("run_id") in after for t in study.trials if not t.user_attrs.get("interrupted"))
 
-    from lorasweep.report import main as report_main
+    from lorasweep.analysis.report import main as report_main
 
     report_main([str(folder)])
     md = (folder / "trials.md").read_text()

@@ -60,7 +60,7 @@ def test_slurm_job_signalled_mid_run_is_requeued_and_resumes(local_slurm, tmp_pa
 def test_search_workers_share_one_study_as_slurm_jobs(local_slurm, tmp_path):  # noqa: F811
     """launcher=slurm search.workers=2: two array jobs ask and tell one Optuna journal in the study
     folder; the search stops at n_trials across both, and every trial's run records its SLURM job."""
-    from lorasweep.search import counts, load
+    from lorasweep.study.search import counts, load
 
     p = lorasweep("sweep=search_tiny_lr", "launcher=slurm", "search.workers=2", "search.n_trials=4",
                   "search.n_startup_trials=2", "train.max_steps=10", "train.eval_every=5", "pruner.warmup_steps=5",

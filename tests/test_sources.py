@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from lorasweep import data, pipeline
+from lorasweep.run import data, pipeline
 from lorasweep.config import ConfigError, validate
 
 
@@ -69,7 +69,7 @@ PINNED_TINY = "tiny_llama_r8a16-qv_fp32_adamw_s0-05480ef4"
 
 
 def test_a_malformed_source_file_is_refused_before_weights_load(tiny, tmp_path, monkeypatch):
-    from lorasweep import model as model_stage
+    from lorasweep.run import model as model_stage
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"instruction": "a", "output": "b"}\n{not json\n')

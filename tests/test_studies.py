@@ -120,7 +120,7 @@ def test_rank_alpha_sets_alpha_relative_to_r():
 @pytest.mark.parametrize("name", STUDIES)
 def test_study_smoke_run_completes(name, request, tmp_path):
     """The real command on the whole grid: every run completed, and the report writes."""
-    from lorasweep.report import load_study, write_report
+    from lorasweep.analysis.report import load_study, write_report
 
     out = tmp_path / "r"
     # one seed of each arm: the seeds a study repeats its arms over only multiply the same check

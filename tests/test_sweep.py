@@ -36,7 +36,7 @@ def records(study_dir: Path) -> dict[str, dict]:
 # ------------------------------------------------------------------ fast, in-process
 
 def test_sweep_size_counts_file_and_command_line_lists():
-    from lorasweep.sweep import sweep_size
+    from lorasweep.study.sweep import sweep_size
 
     cfg = OmegaConf.create({"hydra": {
         "sweeper": {"_target_": "hydra._internal.core_plugins.basic_sweeper.BasicSweeper",
@@ -48,7 +48,7 @@ def test_sweep_size_counts_file_and_command_line_lists():
 
 
 def test_gpu_pinning_and_thread_share():
-    from lorasweep.sweep import pin_gpu, threads_per_job
+    from lorasweep.study.sweep import pin_gpu, threads_per_job
 
     assert [pin_gpu(k, ["0", "1", "2", "3"]) for k in range(6)] == ["0", "1", "2", "3", "0", "1"]
     assert [pin_gpu(k, ["5", "7"]) for k in range(3)] == ["5", "7", "5"]  # the parent's CUDA_VISIBLE_DEVICES
@@ -57,7 +57,7 @@ def test_gpu_pinning_and_thread_share():
 
 
 def test_summary_lists_each_kind_and_counts_silent_runs_as_failed(tmp_path, capsys):
-    from lorasweep.summary import print_sweep
+    from lorasweep.analysis.summary import print_sweep
 
     outs = [{"run_id": "a-1", "status": "completed", "metrics": {"train/loss": 1.0}},
             {"run_id": "b-2", "status": "failed", "error": "lora.targets: unknown module(s) qkv",
@@ -114,7 +114,7 @@ def _wandb_records(path: str):
 
 
 def test_failed_run_finishes_its_wandb_run_with_nonzero_exit_code(tmp_path):
-    from lorasweep.pipeline import run
+    from lorasweep.run.pipeline import run
 
     cfg = compose(*[o for o in TINY if not o.startswith("logger")], "logger=wandb_offline",
                   f"results_dir={tmp_path}", "study=w", "optimizer=sgd", "optimizer.lr=inf",

@@ -6,8 +6,8 @@ import string
 import pytest
 import torch
 
-from lorasweep import data as data_stage
-from lorasweep import model as model_stage
+from lorasweep.run import data as data_stage
+from lorasweep.run import model as model_stage
 from lorasweep.config import DataConfig, ModelConfig, PrecisionConfig
 
 

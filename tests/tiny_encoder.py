@@ -13,7 +13,7 @@ def tiny_bert_dir(root: Path, num_labels: int = 2) -> Path:
     import torch
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
-    from lorasweep.model import minilm_l6_dir
+    from lorasweep.run.model import minilm_l6_dir
 
     out = root / f"tiny_bert_{num_labels}"
     if (out / "config.json").exists():

@@ -101,12 +101,12 @@ def _multirun() -> bool:
 
 def task(cfg: DictConfig):
     """Hydra's task function: one run. Returns an outcome dict for the sweep summary."""
-    from . import sweep
+    from .study import sweep
 
     multirun = _multirun()
     if multirun:
         sweep.job_start(cfg)  # "run k of n"; GPU pinning and thread share before torch starts
-    from .pipeline import run
+    from .run.pipeline import run
 
     if multirun and _search_job():
         return _search_worker(cfg)
@@ -118,25 +118,25 @@ def task(cfg: DictConfig):
         if not multirun:
             print(f"lorasweep: {msg}", file=sys.stderr)
             sys.exit(2)
-        from .pipeline import Outcome
+        from .run.pipeline import Outcome
 
         outcome = Outcome(run_id="(invalid config)", status="failed", error=msg)
     except Exception as e:  # noqa: BLE001 - in a sweep one run's crash must not end the others
         if not multirun:
             raise
-        from .pipeline import Outcome
+        from .run.pipeline import Outcome
 
         outcome = Outcome(run_id="(crashed)", status="failed", error=f"{type(e).__name__}: {e}")
     if outcome.status == "follower":  # node k > 0 of a multi-node run: node 0 notes and reports it
         return outcome.__dict__
     if multirun:
-        from .sweep import note_outcome
+        from .study.sweep import note_outcome
 
         note_outcome(outcome)
     if outcome.status == "interrupted":
         # The process was asked to stop (preemption, time limit, Ctrl-C): the run is checkpointed,
         # and no further run of the sweep starts. 128 + signal, as the shell reports a signal death.
-        from . import preempt
+        from .run import preempt
 
         print(f"lorasweep: run {outcome.run_id} {outcome.error}", file=sys.stderr)
         sys.exit(128 + (preempt.requested() or 15))
@@ -146,22 +146,23 @@ def task(cfg: DictConfig):
         print(f"lorasweep: run {outcome.run_id} failed: {outcome.error}", file=sys.stderr)
         sys.exit(1)
     else:
-        from .summary import print_run
+        from .analysis.summary import print_run
 
         print_run(outcome)
     return outcome.__dict__
 
 
 def _search_job() -> bool:
-    from .search import is_search_job
+    from .study.search import is_search_job
 
     return is_search_job()
 
 
 def _search_worker(cfg: DictConfig):
     """A job of a search: trials until the study is full (search.py), each noted as it ends."""
-    from . import preempt, sweep
-    from .search import work
+    from .run import preempt
+    from .study import sweep
+    from .study.search import work
 
     last = work(cfg, note=lambda o, number, overrides: sweep.note_outcome(o, trial=number, overrides=overrides),
                 job=HydraConfig.get().job.num, show_progress=sys.stderr.isatty())
@@ -179,7 +180,7 @@ def main() -> None:
     register_schema()
     app = hydra.main(version_base=None, config_path=conf_dir(), config_name="config")(task)
     app()
-    from .sweep import failed_runs
+    from .study.sweep import failed_runs
 
     if failed_runs():  # set by the sweep summary; Hydra itself exits 0 after a multirun
         sys.exit(1)

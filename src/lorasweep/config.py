@@ -584,7 +584,7 @@ def validate(cfg: RunConfig) -> None:
         bad("data.path", da.path, f"data={da.name} needs a local file: data.path=/path/to/file")
     if da.path and not da.path.startswith(("hf://",)) and not os.path.exists(os.path.expanduser(da.path)):
         bad("data.path", da.path, "no such file or folder; give an existing path")
-    from .sources import source_problems  # data.mix / eval.val_sets entries, each named by its place
+    from .run.sources import source_problems  # data.mix / eval.val_sets entries, each named by its place
 
     if da.mix and cfg.model.task != "causal_lm":
         bad("data.mix", da.mix, "mixing instruction sources is for causal_lm data; remove data.mix")
@@ -627,7 +627,7 @@ def validate(cfg: RunConfig) -> None:
         bad("runs_per_gpu", cfg.runs_per_gpu, "must be a positive integer (runs sharing one GPU; 1 = one each)")
     _check_pruning(cfg, bad)
     if isinstance(cfg.reference, dict) and ("claims" in cfg.reference or "claim" in cfg.reference):
-        from .report_claims import claim_problems  # a study's claims fail at launch, not at report time
+        from .analysis.report_claims import claim_problems  # a study's claims fail at launch, not at report time
 
         p.extend(claim_problems(cfg.reference))
 

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from . import model as model_stage
-from .reload import RunFolderError, adapter_dir, load_config, logits_on, score, val_batches
+from .run import model as model_stage
+from .run.reload import RunFolderError, adapter_dir, load_config, logits_on, score, val_batches
 
 log = logging.getLogger("lorasweep")
 

@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lorasweep-plan: {problem}", file=sys.stderr)
         return 2
     from .config import resolve, run_id
-    from .planner import plan_run
+    from .analysis.planner import plan_run
 
     grids = expand(a.overrides) if a.multirun else [a.overrides]
     status = 0
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
             status = 2
             continue
         try:
-            from .distributed import per_rank
+            from .distributed.launch import per_rank
 
             # several processes (train.devices x nodes): one rank's share of the batch and of the model
             p = plan_run(per_rank(rc), device_type=None if a.device == "auto" else a.device)

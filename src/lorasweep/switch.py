@@ -14,8 +14,8 @@ import sys
 import time
 from pathlib import Path
 
-from . import model as model_stage
-from .reload import RunFolderError, adapter_dir, load_config, score, val_batches
+from .run import model as model_stage
+from .run.reload import RunFolderError, adapter_dir, load_config, score, val_batches
 
 log = logging.getLogger("lorasweep")
 

@@ -1,7 +1,7 @@
 """The Hydra sweeper of a search: check it, create its Optuna study, start its workers.
 
 Chosen in a study file with ``defaults: [override /hydra/sweeper: search]`` (conf/hydra/sweeper/
-search.yaml). The work is in lorasweep.search; this class only fits it into Hydra: it runs in the
+search.yaml). The work is in lorasweep.study.search; this class only fits it into Hydra: it runs in the
 launching process, refuses a bad search before any run starts (exit 2, one line naming each
 field), and launches ``search.workers`` jobs through whichever launcher the sweep uses (local,
 parallel, SLURM). Each job asks the shared study for trials until it holds ``search.n_trials``.
@@ -31,7 +31,7 @@ class SearchSweeper(Sweeper):
             hydra_context=hydra_context, task_function=task_function, config=config)
 
     def sweep(self, arguments: List[str]) -> Any:
-        from lorasweep import search
+        from lorasweep.study import search
         from lorasweep.config import ConfigError
 
         assert self.config is not None and self.launcher is not None

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from .record import read_record
+from ..run.record import read_record
 
 log = logging.getLogger("lorasweep")
 

@@ -23,8 +23,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from .checkpoint import SHARDED, Checkpointer, Progress, rng_state
-from .loss import batch_loss_sum
+from ..run.checkpoint import SHARDED, Checkpointer, Progress, rng_state
+from ..run.loss import batch_loss_sum
 
 log = logging.getLogger("lorasweep")
 
@@ -128,7 +128,7 @@ class Shard:
         """The periodic validation loss (train.eval_every), computed by every rank on the same
         batches through the loss module: FSDP's forward is a collective, and a DDP rank holds the
         whole model. The one-process run's sum over the same loss tokens."""
-        from .evaluate import validation_loss
+        from ..run.evaluate import validation_loss
 
         module = self.module if self.fsdp else self.ddp.module
         return validation_loss(module, val, device=device, autocast_dtype=autocast_dtype, loss_sum=module)

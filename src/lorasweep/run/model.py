@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from .config import ModelConfig, PrecisionConfig
+from ..config import ModelConfig, PrecisionConfig
 
 log = logging.getLogger(__name__)
 

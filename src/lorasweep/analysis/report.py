@@ -23,7 +23,7 @@ import argparse
 import sys
 from pathlib import Path
 
-# The public API stays importable from lorasweep.report (notebooks, tests, users' scripts).
+# The public API stays importable from lorasweep.analysis.report (notebooks, tests, users' scripts).
 from .report_data import (HEADERS, ReportError, _find_baseline, load_steps, load_study, memory_key,  # noqa: F401
                           primary_score, score_keys)
 from .report_plots import (make_plots, plot_heatmap, plot_loss_curves, plot_mem_vs_time,  # noqa: F401

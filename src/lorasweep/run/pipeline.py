@@ -27,16 +27,16 @@ from . import basecache as base_cache
 from . import classification as cls_stage
 from . import compiling
 from . import data as data_stage
-from . import distributed
+from ..distributed import launch as distributed
 from . import evaluate as eval_stage
 from . import model as model_stage
 from . import train as train_stage
-from .config import DataConfig, RunConfig, exact_base_at_start, run_id as make_run_id, to_dict, validate
+from ..config import DataConfig, RunConfig, exact_base_at_start, run_id as make_run_id, to_dict, validate
 from . import preempt
-from . import pruner as pruning
+from ..study import pruner as pruning
 from .checkpoint import Checkpointer
-from .config import resolve as resolve_config
-from .lease import HeldElsewhere, Lease
+from ..config import resolve as resolve_config
+from ..study.lease import HeldElsewhere, Lease
 from .loss import describe as describe_loss
 from .loggers import make_logger
 from .memory import PeakTracker, release_memory
@@ -210,7 +210,7 @@ class OverBudget(RuntimeError):
 
 def _plan(cfg: RunConfig, device: torch.device):
     """The memory plan (planner.py), or None: a planner problem must never fail the run."""
-    from .planner import plan_run
+    from ..analysis.planner import plan_run
 
     try:
         return plan_run(cfg, device_type=device.type)

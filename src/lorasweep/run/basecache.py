@@ -22,7 +22,7 @@ import torch
 
 from . import compiling
 from . import model as model_stage
-from .config import RunConfig, rewrites_base
+from ..config import RunConfig, rewrites_base
 
 log = logging.getLogger("lorasweep")
 

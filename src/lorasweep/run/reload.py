@@ -17,7 +17,7 @@ from . import classification as cls_stage
 from . import data as data_stage
 from . import evaluate as eval_stage
 from . import model as model_stage
-from .config import ConfigError, RunConfig, validate
+from ..config import ConfigError, RunConfig, validate
 
 # What an evaluation may change about a run without changing the trained weights it reads.
 EVAL_OVERRIDE_PREFIXES = ("eval.", "data.", "train.device", "train.num_threads", "train.max_seq_len")

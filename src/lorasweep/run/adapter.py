@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .config import LoraConfig, lora_scaling, lora_variant, rewrites_base
+from ..config import LoraConfig, lora_scaling, lora_variant, rewrites_base
 
 # Leaf-name aliases across architectures (Llama/Mistral/Qwen, BERT/RoBERTa, DistilBERT, GPT-NeoX).
 QUERY = ("q_proj", "query", "q_lin")

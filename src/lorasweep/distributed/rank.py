@@ -1,4 +1,4 @@
-"""One rank of a run on several processes: ``python -m torch.distributed.run ... -m lorasweep.rank SPEC``.
+"""One rank of a run on several processes: ``python -m torch.distributed.run ... -m lorasweep.distributed.rank SPEC``.
 
 Started by distributed.py (the Hydra job that holds the run's lease and writes its record). Every
 rank loads the model, applies the adapter, prepares the same seeded data and trains its rows of
@@ -37,7 +37,7 @@ def error_path(run_dir: Path, rank: int) -> Path:
 def load_config(config: dict):
     from omegaconf import OmegaConf
 
-    from .config import RunConfig
+    from ..config import RunConfig
 
     return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RunConfig), config))
 
@@ -70,15 +70,15 @@ def _crash_hook(rank: int, run_id: str):
 
 
 def train_rank(spec: dict, rank: int, world: int, local_rank: int) -> None:
-    from . import adapter as adapter_stage
-    from . import model as model_stage
-    from . import preempt
-    from . import pruner as pruning
-    from . import train as train_stage
-    from .checkpoint import Checkpointer
-    from .loggers import make_logger
-    from .memory import PeakTracker
-    from .record import write_json_atomic
+    from ..run import adapter as adapter_stage
+    from ..run import model as model_stage
+    from ..run import preempt
+    from ..study import pruner as pruning
+    from ..run import train as train_stage
+    from ..run.checkpoint import Checkpointer
+    from ..run.loggers import make_logger
+    from ..run.memory import PeakTracker
+    from ..run.record import write_json_atomic
     from .shard import RankCheckpointer, Shard, init_timeout, own_rng
 
     cfg = load_config(spec["config"])
@@ -94,7 +94,7 @@ def train_rank(spec: dict, rank: int, world: int, local_rank: int) -> None:
                             **({"device_id": device} if device.type == "cuda" else {}))
     control = dist.new_group(backend="gloo") if device.type == "cuda" else None
     random_seed = cfg.train.seed
-    from .pipeline import _seed_everything, prepare_run_data  # the one-process run's seeding and data
+    from ..run.pipeline import _seed_everything, prepare_run_data  # the one-process run's seeding and data
 
     _seed_everything(random_seed)
     mem = PeakTracker(device)
@@ -163,13 +163,13 @@ def train_rank(spec: dict, rank: int, world: int, local_rank: int) -> None:
         dist.destroy_process_group()  # rank 0 evaluates alone; the other ranks have finished
         eval_mem = PeakTracker(device)
         eval_mem.start("eval")
-        from .pipeline import validation_scores
+        from ..run.pipeline import validation_scores
 
         metrics.update(validation_scores(cfg, model, prepared, loaded.tokenizer, device, autocast))
         if cfg.lora.method == "lora" and cfg.train.save_adapter and result.steps > 0:
             adapter_stage.save_adapter(model, info, run_dir / "adapter")
         if cfg.eval.tasks:
-            from .pipeline import _base_scores, _benchmark, _deltas
+            from ..run.pipeline import _base_scores, _benchmark, _deltas
 
             metrics.update(_benchmark(cfg, model, loaded.tokenizer, spec.get("include_path"), run_dir, device,
                                       "eval", spec["show_progress"], autocast))
@@ -202,8 +202,8 @@ def train_rank(spec: dict, rank: int, world: int, local_rank: int) -> None:
 def _after_step(cfg, run_dir: Path, prepared, shard: Shard, device, autocast, then):
     """The loop's after_step hook: train.eval_every's validation curve and pruner (pruner.Watch),
     then ``then`` (a test's injected failure)."""
-    from . import pruner as pruning
-    from . import train as train_stage
+    from ..study import pruner as pruning
+    from ..run import train as train_stage
 
     if not cfg.train.eval_every:
         return then
@@ -221,8 +221,8 @@ def _after_step(cfg, run_dir: Path, prepared, shard: Shard, device, autocast, th
 
 def _build(cfg, device: torch.device, grad_checkpointing: bool):
     """The run's base model and adapter on this rank: (loaded, model, adapter info)."""
-    from . import adapter as adapter_stage
-    from . import model as model_stage
+    from ..run import adapter as adapter_stage
+    from ..run import model as model_stage
 
     loaded = model_stage.build_model(cfg.model, cfg.precision, device, grad_checkpointing,
                                      frozen_base=cfg.lora.method == "lora" and cfg.lora.bias == "none")
@@ -235,7 +235,7 @@ def _build(cfg, device: torch.device, grad_checkpointing: bool):
 
 def _fresh_base(cfg, device: torch.device) -> torch.nn.Module:
     """The run's base model as loaded before any adapter or step (for eval.baseline's scores)."""
-    from . import model as model_stage
+    from ..run import model as model_stage
 
     return model_stage.build_model(cfg.model, cfg.precision, device, False, frozen_base=True).model
 
@@ -267,7 +267,7 @@ def main(argv: list[str]) -> int:
     try:
         train_rank(spec, rank, world, local_rank)
     except BaseException as e:  # noqa: BLE001 - named for the launcher, then re-raised (torchrun stops the rest)
-        from .record import write_json_atomic
+        from ..run.record import write_json_atomic
 
         write_json_atomic(error_path(Path(spec["run_dir"]), rank),
                           {"rank": rank, "error": f"{type(e).__name__}: {e}", "time": time.time(),

@@ -70,7 +70,7 @@ def quantized_checkpoint(root: Path, name_or_path: str, src: str, quant: str, do
         args = [src, str(tmp), quant, bool(double_quant), str(cdtype).replace("torch.", ""), dm, trust_remote_code,
                 attn_implementation]
         log.info("quantizing %s to %s once (cached under %s)", name_or_path, quant, final)
-        code = f"import json,sys; from lorasweep.qcache import quantize_to; quantize_to(*json.loads(sys.argv[1]))"
+        code = f"import json,sys; from lorasweep.run.qcache import quantize_to; quantize_to(*json.loads(sys.argv[1]))"
         env = dict(os.environ, HF_HUB_DISABLE_PROGRESS_BARS="1", TRANSFORMERS_VERBOSITY="error")
         proc = subprocess.run([sys.executable, "-c", code, json.dumps(args)], capture_output=True, text=True, env=env)
         if proc.returncode != 0:

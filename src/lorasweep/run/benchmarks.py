@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
-from . import quiet
+from .. import quiet
 
 # A fresh task index over lm-eval's ~15k built-in YAMLs takes 10+ s, so TaskManagers are
 # kept per (include_path, include_defaults, fingerprint of the include_path YAMLs).

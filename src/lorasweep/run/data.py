@@ -16,7 +16,7 @@ from typing import Iterator
 
 import torch
 
-from .config import DataConfig
+from ..config import DataConfig
 
 IGNORE = -100
 

@@ -16,9 +16,9 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .pruner import CURVE, METRIC, read_curve
-from .record import read_record
-from .search import JOURNAL, compute, load, rerun_command, _shell_quote
+from ..study.pruner import CURVE, METRIC, read_curve
+from ..run.record import read_record
+from ..study.search import JOURNAL, compute, load, rerun_command, _shell_quote
 
 
 @dataclass

@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from .config import TrainConfig
+from ..config import TrainConfig
 from .loss import unwrap_peft, batch_loss_sum, split_head
 
 INPUTS = ("input_ids", "attention_mask", "position_ids", "labels")

@@ -18,7 +18,7 @@ from typing import Iterator
 
 import torch
 
-from .config import DataConfig
+from ..config import DataConfig
 from .data import Batches, DataError, PreparedData, read_records
 
 log = logging.getLogger("lorasweep")

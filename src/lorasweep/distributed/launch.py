@@ -4,7 +4,7 @@ The job keeps what makes a run one run: its lease, its record and its folder. It
 config and the data (preflight), plans the per-rank memory, opens the record, then starts the
 ranks with PyTorch's own launcher, ``python -m torch.distributed.run`` (torchrun: rendezvous,
 RANK/LOCAL_RANK/WORLD_SIZE, and when one rank fails it stops the others), running
-``lorasweep.rank`` (rank.py), and waits. Rank 0 writes ``.dist/result.json``; the job turns it
+``lorasweep.distributed.rank`` (rank.py), and waits. Rank 0 writes ``.dist/result.json``; the job turns it
 into the record. A rank that fails writes ``.dist/error-rank<k>.json``; the earliest one is the
 run's error (the other ranks then fail on a closed connection, or are stopped by torchrun).
 The ranks' output goes to this process's stderr and to ``<run folder>/ranks.log``.
@@ -31,7 +31,7 @@ import time
 import traceback
 from pathlib import Path
 
-from .config import RunConfig, to_dict, world_size
+from ..config import RunConfig, to_dict, world_size
 from .rank import DIST_DIR, RESULT
 
 log = logging.getLogger("lorasweep")
@@ -74,7 +74,7 @@ def torchrun_command(cfg: RunConfig, spec_path: Path) -> list[str]:
         port = os.environ.get("MASTER_PORT") or str(29500 + int(os.environ.get("SLURM_JOB_ID", 0)) % 1000)
         cmd += ["--nnodes", str(tr.nodes), "--node-rank", str(node_rank()),
                 "--master-addr", _master_addr(), "--master-port", port]
-    return cmd + ["-m", "lorasweep.rank", str(spec_path)]
+    return cmd + ["-m", "lorasweep.distributed.rank", str(spec_path)]
 
 
 def _children(pid: int) -> list[int]:
@@ -110,7 +110,7 @@ def _pump(stream, sink: Path) -> threading.Thread:
 
 def run_ranks(cfg: RunConfig, spec: dict, run_dir: Path, lease=None) -> int:
     """Start torchrun for this node and wait for it; returns its exit code."""
-    from . import preempt
+    from ..run import preempt
 
     d = Path(run_dir) / DIST_DIR
     d.mkdir(parents=True, exist_ok=True)
@@ -187,7 +187,7 @@ def root_cause(run_dir: Path, rc: int) -> str:
 
 def _latest_checkpoint_step(checkpoints) -> int | None:
     """The newest whole checkpoint's step, from its manifest (the ranks load the tensors)."""
-    from .checkpoint import MANIFEST
+    from ..run.checkpoint import MANIFEST
 
     for folder in reversed(checkpoints.list()):
         try:
@@ -228,7 +228,7 @@ def follow(cfg: RunConfig, rid: str, run_dir: Path) -> None:
 
 
 def _device_type(cfg: RunConfig) -> str:
-    from . import model as model_stage
+    from ..run import model as model_stage
 
     return model_stage.pick_device(cfg.train.device).type
 
@@ -237,9 +237,9 @@ def launch(cfg: RunConfig, rid: str, run_dir: Path, lease, show_progress: bool):
     """The run, on world_size(cfg.train) processes; recorded like a one-process run."""
     from omegaconf import OmegaConf
 
-    from .checkpoint import Checkpointer
-    from .pipeline import OverBudget, Outcome, PreflightError, _plan, preflight
-    from .record import RunRecord
+    from ..run.checkpoint import Checkpointer
+    from ..run.pipeline import OverBudget, Outcome, PreflightError, _plan, preflight
+    from ..run.record import RunRecord
 
     config = to_dict(cfg)
     record = RunRecord(run_dir, rid, cfg.study, config)

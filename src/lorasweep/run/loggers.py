@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 from typing import Protocol
 
-from .config import LoggerConfig
+from ..config import LoggerConfig
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from .config import OptimizerConfig, TrainConfig
+from ..config import OptimizerConfig, TrainConfig
 from .data import Batches
 from . import preempt
 from .checkpoint import Checkpointer, Progress, set_rng_state

@@ -38,7 +38,7 @@ from typing import Any, Callable
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
-from .config import ConfigError, RunConfig, run_id as make_run_id, validate
+from ..config import ConfigError, RunConfig, run_id as make_run_id, validate
 
 log = logging.getLogger("lorasweep")
 
@@ -173,7 +173,7 @@ def suggest(trial, params: list[Param], base: DictConfig) -> list[str]:
 
 def apply(cfg: DictConfig, overrides: list[str]) -> RunConfig:
     """The job's config with a trial's overrides, as a validated RunConfig."""
-    from .cli import to_run_config
+    from ..cli import to_run_config
 
     try:
         merged = OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))
@@ -222,7 +222,7 @@ def job_config(config: DictConfig) -> DictConfig:
 def check(config: DictConfig, arguments: list[str] = ()) -> list[str]:
     """Everything wrong with a search, before any run starts: the search block, the run config at
     every end of every range and every choice, and command-line value lists (grids, not searches)."""
-    from .cli import to_run_config
+    from ..cli import to_run_config
 
     problems = []
     sweeps = [a for a in arguments if _is_value_list(a)]
@@ -382,7 +382,7 @@ def recover(study) -> int:
     import optuna
     from optuna.trial import TrialState
 
-    from .record import read_record
+    from ..run.record import read_record
 
     n, now = 0, time.time()
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
@@ -472,7 +472,7 @@ class _Lock:
 def prepare(config: DictConfig, arguments: list[str], max_batch_size: int | None) -> int:
     """Create (or reopen) the study, recover what a killed launch left, record the launch; return
     how many worker jobs to start."""
-    from .cli import to_run_config
+    from ..cli import to_run_config
 
     cfg = job_config(config)
     rc = to_run_config(cfg)
@@ -508,8 +508,8 @@ def n_trials(sc, params: list[Param]) -> int:
 
 def work(cfg: DictConfig, note: Callable[..., None], job: int = 0, show_progress: bool = False):
     """Ask, run, tell until the study holds search.n_trials trials. Returns the last outcome."""
-    from . import pipeline
-    from .cli import to_run_config
+    from ..run import pipeline
+    from ..cli import to_run_config
 
     base = to_run_config(cfg)
     sc = base.search
@@ -574,7 +574,7 @@ def work(cfg: DictConfig, note: Callable[..., None], job: int = 0, show_progress
 
 def _ran_now(run_dir: Path, trial) -> bool:
     """Whether the run's record was written by this trial (not an earlier trial with the same config)."""
-    from .record import read_record
+    from ..run.record import read_record
 
     rec = read_record(run_dir) or {}
     try:
@@ -626,7 +626,7 @@ def print_result(config: DictConfig) -> int:
     that should fail the command (trials that crashed; a diverged trial is an answer, not a crash)."""
     from optuna.trial import TrialState
 
-    from .cli import to_run_config
+    from ..cli import to_run_config
 
     rc = to_run_config(job_config(config))
     try:

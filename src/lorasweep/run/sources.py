@@ -12,7 +12,7 @@ import dataclasses
 import os
 from typing import Any
 
-from .config import DataConfig
+from ..config import DataConfig
 
 SOURCE_NAMES = ("arithmetic", "alpaca", "jsonl")
 _DATA_FIELDS = {f.name for f in dataclasses.fields(DataConfig)} - {"mix", "name"}

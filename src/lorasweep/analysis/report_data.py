@@ -11,8 +11,8 @@ from typing import Any
 
 import pandas as pd
 
-from .config import LoraConfig, lora_variant
-from .record import RECORD
+from ..config import LoraConfig, lora_variant
+from ..run.record import RECORD
 
 # Config keys that never make two runs differ in what they compute.
 IGNORED_KEYS = ("reference", "results_dir", "study", "rerun", "logger", "planner", "train.num_threads",

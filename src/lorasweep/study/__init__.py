@@ -1,0 +1,1 @@
+"""Many runs: sweep bookkeeping, run-folder leases, Optuna search and the pruner."""
