@@ -5,6 +5,8 @@
 #   benchmarks/run_evidence.sh seeds rank_alpha ...        (LORASWEEP_DATA: the data folder, ../shared/data)
 #   PAR=1 benchmarks/run_evidence.sh qlora_vs_lora          (time is the finding: one run at a time)
 # Extra overrides for one study: STUDY_ARGS_<study>="data.path=..." (e.g. the SST-2 folder).
+# A study runs for an hour or more and its jobs import lorasweep afresh: run it from a clone you are
+# not editing (git clone + its own venv), or moving a module mid-study fails the remaining runs.
 set -u
 cd "$(dirname "$0")/.."
 OUT=${EVIDENCE_DIR:-results/evidence}
