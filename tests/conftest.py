@@ -65,3 +65,15 @@ def tiny(tmp_path):
 
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(params=["plain_cpu", "avx512bf16_cpu"])
+def cpu_kind(request, monkeypatch):
+    """The two kinds of CPU bitsandbytes tells apart. On ``avx512bf16_cpu`` every 4-bit layer built in
+    the test believes the CPU has AVX512-BF16 (bitsandbytes' fused, weight-packing inference path),
+    whatever this machine has: a test with this fixture holds on both kinds wherever it runs."""
+    if request.param == "avx512bf16_cpu":
+        import bitsandbytes.nn.modules as bnb_modules
+
+        monkeypatch.setattr(bnb_modules, "has_avx512bf16", lambda: True)
+    return request.param

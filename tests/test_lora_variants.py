@@ -95,7 +95,7 @@ def test_rank_and_alpha_patterns_layers_and_exclusions_reach_the_named_modules(t
 
 
 @pytest.mark.parametrize("precision", ["fp32", "nf4"])
-def test_dora_magnitudes_are_trained_and_the_start_is_the_base(tiny, precision):
+def test_dora_magnitudes_are_trained_and_the_start_is_the_base(tiny, precision, cpu_kind):
     cfg = tiny("lora.use_dora=true", f"precision={precision}")
     base = _base(cfg)
     ids = _ids()
@@ -155,7 +155,7 @@ def test_pissa_olora_start_equals_the_base_but_disable_adapter_does_not(tiny, in
     assert p.init_gb > 0 and "plan/init_gb" in p.metrics()
 
 
-def test_loftq_start_is_closer_to_the_full_precision_model_than_the_4bit_base(tiny, monkeypatch):
+def test_loftq_start_is_closer_to_the_full_precision_model_than_the_4bit_base(tiny, monkeypatch, cpu_kind):
     """The CUDA-only step of peft's LoftQ (_loftq_init_new) replaced by the same algebra on the CPU, so
     lorasweep's part is tested here: the checkpoint it reads and the scaling it undoes."""
     import bitsandbytes as bnb

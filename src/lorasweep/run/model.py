@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from ..config import ModelConfig, PrecisionConfig
+from .bnb_cpu import keep_dequantize_path
 
 log = logging.getLogger(__name__)
 
@@ -386,6 +387,8 @@ def build_model(mc: ModelConfig, pc: PrecisionConfig, device: torch.device, grad
     model = _load(_auto_class(mc), src, kwargs, keep_fp32)
     if pc.quant == "none" and "device_map" not in kwargs:
         model.to(device)
+    if pc.quant != "none":
+        keep_dequantize_path(model)  # validation must not rewrite the 4-bit weights (run/bnb_cpu.py)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tok.pad_token_id
     if grad_checkpointing:
