@@ -3,6 +3,7 @@ import json
 import logging
 import os
 import shutil
+import site
 import subprocess
 import sys
 import zipfile
@@ -145,7 +146,7 @@ def test_lm_eval_prints_become_debug(capsys, caplog):
 # ----------------------------------------------------------------------------- a built wheel
 @pytest.mark.slow
 def test_wheel_installs_and_runs_from_anywhere(tmp_path):
-    """pip wheel -> a fresh venv (system torch etc., but this checkout's editable lorasweep shadowed)
+    """pip wheel -> a fresh venv (the test interpreter's torch etc., not this checkout's editable lorasweep)
     -> the commands work from an unrelated folder."""
     src = tmp_path / "checkout"  # a copy: building writes build/ and *.egg-info next to the sources
     src.mkdir()
@@ -165,11 +166,15 @@ def test_wheel_installs_and_runs_from_anywhere(tmp_path):
             "lorasweep/conf/hydra/sweeper/search.yaml", "hydra_plugins/lorasweep_search/search_sweeper.py"} <= names
 
     venv = tmp_path / "venv"
-    p = _run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", venv], cwd=tmp_path)
+    p = _run([sys.executable, "-m", "venv", "--without-pip", venv], cwd=tmp_path)
     assert p.returncode == 0, p.stderr
     py, bin_ = venv / "bin" / "python", venv / "bin"
-    # the system pip, run by the venv's python, installs into the venv; --ignore-installed leaves the
-    # system's editable lorasweep alone (its finder sits behind sys.path, which finds the venv's copy first)
+    # torch & co. come from the interpreter running the tests (a venv or the system's): its site
+    # folders as plain path lines, after the new venv's own. (--system-site-packages would reach the
+    # base interpreter's, not a venv's.) Path lines run no .pth files there, so this checkout's
+    # editable lorasweep stays out; --ignore-installed installs the wheel despite it.
+    (site_dir,) = (venv / "lib").glob("python*/site-packages")
+    (site_dir / "test_parent_env.pth").write_text("\n".join(dict.fromkeys(site.getsitepackages())) + "\n")
     p = _run([py, "-m", "pip", "install", "--no-deps", "--no-index", "--ignore-installed", "-q", wheel], cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
 
@@ -180,8 +185,8 @@ def test_wheel_installs_and_runs_from_anywhere(tmp_path):
              cwd=work, env=env)
     assert p.returncode == 0, p.stderr
     pkg_file, conf = (Path(line).resolve() for line in p.stdout.split())
-    site = Path(venv).resolve() / "lib"
-    assert pkg_file.is_relative_to(site) and conf == pkg_file.parent / "conf", p.stdout
+    venv_lib = Path(venv).resolve() / "lib"
+    assert pkg_file.is_relative_to(venv_lib) and conf == pkg_file.parent / "conf", p.stdout
     assert not pkg_file.is_relative_to(REPO) and not conf.is_relative_to(REPO)
 
     results = work / "results"
