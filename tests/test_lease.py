@@ -148,3 +148,21 @@ def test_a_dead_owners_run_is_taken_over_once_its_lease_is_stale(tmp_path):
     rec = json.loads((run_dir / "record.json").read_text())
     assert rec["status"] == "completed" and _steps(run_dir) == list(range(1, 9))
     assert not (run_dir / LEASE).exists()
+
+
+@pytest.mark.parametrize("age_s, trains", [(0, False), (30, True)])
+def test_an_empty_lease_blocks_its_run_only_until_the_timeout(tiny, monkeypatch, age_s, trains):
+    """Its creator died between the exclusive create and the write (or the disk was full)."""
+    from lorasweep.run.pipeline import run, run_dir_for
+
+    monkeypatch.setenv("LORASWEEP_LEASE_TIMEOUT_S", "10")
+    cfg = tiny("train.max_steps=2", "eval=none")
+    lease = run_dir_for(cfg) / LEASE
+    lease.parent.mkdir(parents=True)
+    lease.write_text("")
+    os.utime(lease, (time.time() - age_s,) * 2)
+    out = run(cfg, show_progress=False)
+    if trains:
+        assert out.status == "completed" and not lease.exists()
+    else:
+        assert out.status == "elsewhere" and "lease.json is unreadable" in out.error and lease.exists()

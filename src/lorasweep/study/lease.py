@@ -42,7 +42,12 @@ class HeldElsewhere(RuntimeError):
 
     def __init__(self, holder: dict):
         self.holder = holder
-        super().__init__(f"running elsewhere ({holder.get('host')}, pid {holder.get('pid')})")
+        if holder.get("unreadable"):
+            age = time.time() - float(holder.get("heartbeat", 0))
+            super().__init__(f"running elsewhere? its lease.json is unreadable, written {age:.0f} s ago "
+                             f"(stale after LORASWEEP_LEASE_TIMEOUT_S={timeout_s():.0f} s)")
+        else:
+            super().__init__(f"running elsewhere ({holder.get('host')}, pid {holder.get('pid')})")
 
 
 def _read(path: Path) -> dict | None:
@@ -113,6 +118,10 @@ class Lease:
             holder = _read(self.path)
             if holder is None:
                 continue  # released between our two calls: try again
+            if not holder:
+                holder = self._unreadable_holder()
+                if holder is None:
+                    continue
             if not is_stale(holder, self.timeout):
                 raise HeldElsewhere(holder)
             # Move the stale lease aside; of several takers only one rename succeeds.
@@ -135,6 +144,15 @@ class Lease:
             log.warning("taking over %s from %s (pid %s): no heartbeat for %.0f s", self.path.parent.name,
                         holder.get("host"), holder.get("pid"), time.time() - float(holder.get("heartbeat", 0)))
         raise HeldElsewhere(_read(self.path) or {})
+
+    def _unreadable_holder(self) -> dict | None:
+        """An empty or torn lease (its creator died between the exclusive create and the write, or
+        the disk was full): judged by the file's age, stale once older than the timeout."""
+        try:
+            age_from = self.path.stat().st_mtime
+        except FileNotFoundError:
+            return None
+        return {"host": None, "pid": None, "heartbeat": age_from, "unreadable": True}
 
     @property
     def interval(self) -> float:
