@@ -120,6 +120,20 @@ def test_a_torn_newest_checkpoint_is_skipped_for_the_previous_one(tmp_path, refe
     _assert_same_as(reference, run_dir, 20)
 
 
+@pytest.mark.slow
+def test_a_torn_last_step_line_is_dropped_and_the_run_resumes(tmp_path, reference):
+    """A node lost mid-write leaves half a line at the end of steps.jsonl."""
+    proc, run_dir = _hold_at(tmp_path, 35)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    with open(run_dir / "steps.jsonl", "a") as f:
+        f.write('{"step": 36, "train/lo')
+    p = _launch(tmp_path)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "is torn" in p.stdout + p.stderr
+    _assert_same_as(reference, run_dir, 30)
+
+
 def test_rerun_starts_over_and_keep_checkpoints_is_honoured(tmp_path):
     cfg = compose(*ARGS, "train.max_steps=7", "train.checkpoint_every=2", "train.keep_checkpoints=2",
                   f"results_dir={tmp_path}", "study=c")

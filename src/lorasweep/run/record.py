@@ -6,6 +6,7 @@ config.yaml  the resolved config
 """
 from __future__ import annotations
 
+import logging
 import json
 import os
 import platform
@@ -14,6 +15,8 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+
+log = logging.getLogger("lorasweep")
 
 RECORD = "record.json"
 STATUSES = ("running", "completed", "failed", "skipped", "interrupted", "pruned")
@@ -86,6 +89,22 @@ def environment() -> dict:
     return env
 
 
+def _whole_lines(path: Path, lines: list[str]) -> list[str]:
+    """The lines of a JSON-lines file that parse; a line torn by a crash mid-write (a node lost,
+    a full disk) is dropped with a warning instead of making the run unresumable."""
+    whole = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            json.loads(line)
+        except ValueError:
+            log.warning("%s line %d is torn (%r); dropped, its step is redone", path, i, line[:60])
+            continue
+        whole.append(line)
+    return whole
+
+
 class RunRecord:
     """Owns one run folder: its record.json status and steps.jsonl."""
 
@@ -127,7 +146,7 @@ class RunRecord:
         self.save()
         steps = self.dir / "steps.jsonl"
         lines = steps.read_text().splitlines() if steps.exists() else []
-        kept = [l for l in lines if l.strip() and json.loads(l).get("step", 0) <= from_step]
+        kept = [l for l in _whole_lines(steps, lines) if json.loads(l).get("step", 0) <= from_step]
         steps.write_text("".join(l + "\n" for l in kept))
         self._steps = open(steps, "a", buffering=1)
 
