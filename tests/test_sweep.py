@@ -226,3 +226,30 @@ def test_parallel_launcher_runs_each_job_in_its_own_process_with_a_share_of_the_
     logs = "".join(f.read_text() for f in (tmp_path / "sw" / ".submitit").rglob("*_log.out"))
     assert "run 1 of 2" in logs and "run 2 of 2" in logs
     assert "sweep: 2 completed, 0 failed, 0 skipped (2 runs)" in p.stdout
+
+
+def test_a_signal_during_the_final_validation_starts_no_further_run(tmp_path):
+    """SIGTERM after run 1's last step (its training loop done, validation next): run 1 completes,
+    run 2 never starts, the command exits 128 + SIGTERM."""
+    study = tmp_path / "r" / "k"
+    marker = tmp_path / "held"
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore",
+           "LORASWEEP_TEST_HOLD": f"1:2:{marker}"}  # TINY trains 2 steps: held after the last one
+    proc = subprocess.Popen([sys.executable, str(Path(__file__).parent / "held_cli.py"), "-m", *TINY,
+                             f"results_dir={tmp_path}/r", "study=k", "train.log_every=1", "lora.r=2,4"],
+                            cwd=tmp_path, env=env, start_new_session=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 600
+        while not marker.exists():
+            assert proc.poll() is None and time.time() < deadline, "run 1 never reached its last step"
+            time.sleep(0.1)
+        os.killpg(proc.pid, signal.SIGTERM)
+        out, _ = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 128 + signal.SIGTERM, out
+    recs = records(study)
+    assert [r["status"] for r in recs.values()] == ["completed"], recs
+    assert "SIGTERM arrived after run" in out and "starting no further run" in out

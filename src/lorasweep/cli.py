@@ -140,6 +140,7 @@ def task(cfg: DictConfig):
 
         print(f"lorasweep: run {outcome.run_id} {outcome.error}", file=sys.stderr)
         sys.exit(128 + (preempt.requested() or 15))
+    _stop_if_signalled(outcome)
     if multirun:
         pass
     elif outcome.status == "failed":
@@ -150,6 +151,21 @@ def task(cfg: DictConfig):
 
         print_run(outcome)
     return outcome.__dict__
+
+
+def _stop_if_signalled(outcome) -> None:
+    """A stop signal that came after the training loop (final validation, lm-eval, saving) let the
+    run finish, and still means what it says: no further run of the sweep starts, exit 128 + signal."""
+    from .run import preempt
+
+    got = preempt.requested()
+    if got is None:
+        return
+    import signal
+
+    print(f"lorasweep: {signal.Signals(got).name} arrived after run {outcome.run_id}'s training "
+          f"(recorded {outcome.status}); starting no further run", file=sys.stderr)
+    sys.exit(128 + got)
 
 
 def _search_job() -> bool:
