@@ -253,3 +253,15 @@ def test_a_signal_during_the_final_validation_starts_no_further_run(tmp_path):
     recs = records(study)
     assert [r["status"] for r in recs.values()] == ["completed"], recs
     assert "SIGTERM arrived after run" in out and "starting no further run" in out
+
+
+def test_the_sweep_summary_says_why_each_run_was_skipped(tmp_path):
+    args = ["-m", *TINY, f"results_dir={tmp_path}/r", "study=b", "lora.r=2,4", "eval=none"]
+    assert lorasweep(*args, "planner.budget_gb=100", cwd=tmp_path).returncode == 0  # both train
+    p = lorasweep(*args, "lora.alpha=8", "planner.budget_gb=0.0001", cwd=tmp_path)  # two new runs, over budget
+    assert p.returncode == 0, p.stdout + p.stderr
+    over = [l for l in p.stdout.splitlines() if l.startswith("  skipped ")]
+    assert len(over) == 2 and all("planner.budget_gb" in l for l in over), p.stdout
+    assert "already completed" not in p.stdout
+    p = lorasweep(*args, cwd=tmp_path)
+    assert "skipped (already completed; rerun=true to redo): " in p.stdout and "planner.budget_gb" not in p.stdout

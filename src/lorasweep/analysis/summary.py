@@ -55,9 +55,12 @@ def print_sweep(outcomes: list[dict], results_dir: Path, expected: int | None = 
           + (f", {n['elsewhere']} running elsewhere" if n["elsewhere"] else "")
           + (f", {missing} did not report" if missing else "")
           + f" ({len(outcomes) + missing} runs) -> {results_dir}")
-    skipped = [o["run_id"] for o in outcomes if o["status"] == "skipped"]
-    if skipped:
-        print(f"  skipped (already completed; rerun=true to redo): {', '.join(skipped)}")
+    done_before = [o["run_id"] for o in outcomes if o["status"] == "skipped" and not o.get("error")]
+    if done_before:
+        print(f"  skipped (already completed; rerun=true to redo): {', '.join(done_before)}")
+    for o in outcomes:
+        if o["status"] == "skipped" and o.get("error"):  # e.g. over planner.budget_gb: the reason it gave
+            print(f"  skipped {o['run_id']}: {o['error']}")
     elsewhere = [f"{o['run_id']} ({o['error'].removeprefix('running elsewhere (')}" for o in outcomes
                  if o["status"] == "elsewhere"]
     if elsewhere:
