@@ -173,6 +173,24 @@ def test_validation_curve_does_not_change_training(tiny):
     assert not (Path(a.run_dir) / CURVE).exists()
 
 
+def test_periodic_validation_is_timed_apart_from_training(tiny):
+    """train.eval_every is outside the run id: time/train_s and tokens/s must mean the same with it.
+    Here validation is far more work than training (8 x 96 items scored vs 8 steps of 4 rows)."""
+    from lorasweep.run.pipeline import run
+
+    common = ["train.max_steps=8", "data.n_val=96", "train.num_threads=1", "train.save_adapter=false"]
+    a = run(tiny(*common, "study=a"), show_progress=False)
+    b = run(tiny(*common, "study=b", "train.eval_every=1", "train.eval_examples=96"), show_progress=False)
+    assert a.run_id == b.run_id and a.status == b.status == "completed"
+    assert "time/val_curve_s" not in a.metrics
+    m = b.metrics
+    assert m["time/val_curve_s"] > m["time/train_s"] > 0  # validation is not inside training time
+    assert m["time/train_s"] + m["time/val_curve_s"] < m["time/total_s"]
+    assert m["throughput/tokens_per_s"] == pytest.approx(m["train/tokens"] / m["time/train_s"])
+    steps = [json.loads(l) for l in (Path(b.run_dir) / "steps.jsonl").read_text().splitlines()]
+    assert all(s["throughput/tokens_per_s"] > 0 for s in steps)
+
+
 def test_losing_run_is_pruned_with_its_verdict_and_not_retrained(tiny):
     """Two runs that learn, then one that cannot (lr 1e-9): stopped at the first check after warm-up."""
     from lorasweep.run.pipeline import run
@@ -189,6 +207,9 @@ def test_losing_run_is_pruned_with_its_verdict_and_not_retrained(tiny):
     assert verdict["rule"] == "median" and verdict["step"] == 4 and verdict["compared_runs"] == 2
     assert verdict["value"] > verdict["threshold"] and verdict["warmup_steps"] == 4 and verdict["min_runs"] == 2
     assert rec["metrics"]["train/steps"] == 4 and rec["metrics"]["train/planned_steps"] == 8
+    m = rec["metrics"]  # timed by the loop: validation apart, tokens/s over training time only
+    assert m["time/val_curve_s"] > 0 and 0 < m["time/train_s"] < m["time/total_s"] - m["time/val_curve_s"]
+    assert m["throughput/tokens_per_s"] == pytest.approx(m["train/tokens"] / m["time/train_s"])
     assert sorted(read_curve(bad.run_dir)) == [2, 4]  # the partial curve stays in the folder
     # While a pruner is on, the verdict stands: a relaunch does not train the run again.
     again = run(tiny(*common, "optimizer.lr=1e-9"), show_progress=False)

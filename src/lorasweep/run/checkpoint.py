@@ -49,7 +49,8 @@ class Progress:
     first_loss: float | None = None
     last_loss: float | None = None
     window: list = field(default_factory=list)  # [(token-mean loss, loss tokens)] since the last log line
-    train_s: float = 0.0  # training time of all segments up to this step
+    train_s: float = 0.0  # training time of all segments up to this step (after_step hooks excluded)
+    hook_s: float = 0.0  # time in after_step hooks (train.eval_every's validation curve), all segments
     mem: dict = field(default_factory=dict)  # peak memory of the segments up to this step
 
 

@@ -463,6 +463,7 @@ def _run_leased(cfg: RunConfig, rid: str, run_dir: Path, lease: Lease, show_prog
     except pruning.RunPruned as e:
         status, error = "pruned", str(e)
         metrics.update(e.metrics)
+        earlier_mem = getattr(e, "earlier_mem", None) or {}
         extra["pruned"] = e.decision.details()
         log.info("prune %s at step %d: %s", rid, e.decision.step, error)
     except OverBudget as e:

@@ -127,6 +127,7 @@ class TrainResult:
     optimizer_info: dict | None = None
     earlier_mem: dict | None = None  # peak memory of the segments before a resume
     resumed_from_step: int | None = None
+    hook_s: float = 0.0  # time in after_step (the validation curve): apart from train_s
 
     @property
     def tokens_per_s(self) -> float:
@@ -137,6 +138,8 @@ class TrainResult:
         m = {"time/train_s": self.train_s, "throughput/tokens_per_s": self.tokens_per_s,
              "train/steps": self.steps, "train/tokens": self.tokens, "train/loss_tokens": self.loss_tokens,
              "train/epochs": self.epochs_done, **(self.optimizer_info or {})}
+        if self.hook_s:
+            m["time/val_curve_s"] = self.hook_s
         if self.final_loss is not None:
             m["train/loss"] = self.final_loss
             m["train/first_loss"] = self.first_loss
@@ -208,6 +211,9 @@ def train(model: torch.nn.Module, train: Batches, oc: OptimizerConfig, tc: Train
                leave=False, dynamic_ncols=True)
     t0 = time.perf_counter()
     t_log, tok_log = t0, prog.tokens
+    # Time in after_step (periodic validation) is kept out of train_s and tokens/s, so both mean the
+    # same with and without train.eval_every (which the run id ignores); it is reported apart.
+    hook_s = hook_since_log = 0.0
     for step in range(prog.step + 1, n_steps + 1):
         epoch, done_in_epoch, chunk = next(steps)
         step_items = sum(b["n_loss_tokens"] for b in chunk)  # known on the host before any forward
@@ -262,7 +268,7 @@ def train(model: torch.nn.Module, train: Batches, oc: OptimizerConfig, tc: Train
             now = time.perf_counter()
             rec = {"train/loss": loss_val, "train/lr": lr_used,
                    "train/epoch": epoch + done_in_epoch / max(len(train), 1),
-                   "throughput/tokens_per_s": (prog.tokens - tok_log) / max(now - t_log, 1e-9),
+                   "throughput/tokens_per_s": (prog.tokens - tok_log) / max(now - t_log - hook_since_log, 1e-9),
                    "train/tokens": prog.tokens}
             if grad_norm is not None:
                 rec["train/grad_norm"] = float(grad_norm)
@@ -271,21 +277,34 @@ def train(model: torch.nn.Module, train: Batches, oc: OptimizerConfig, tc: Train
             log(step, rec)
             bar.set_postfix(loss=f"{loss_val:.4f}")
             window.clear()
-            t_log, tok_log = now, prog.tokens
+            t_log, tok_log, hook_since_log = now, prog.tokens, 0.0
         if after_step is not None:
-            after_step(step)
+            t_hook = time.perf_counter()
+            try:
+                after_step(step)
+            except Exception as e:
+                if isinstance(getattr(e, "metrics", None), dict):  # a hook ending the run (a pruner's verdict)
+                    hook_s += time.perf_counter() - t_hook
+                    train_s = prog.train_s + time.perf_counter() - t0 - hook_s
+                    e.metrics.update({"time/train_s": train_s, "time/val_curve_s": prog.hook_s + hook_s,
+                                      "train/tokens": prog.tokens, "throughput/tokens_per_s": prog.tokens / max(train_s, 1e-9)})
+                    e.earlier_mem = prog.mem  # the peaks of the segments before a resume
+                raise
+            spent = time.perf_counter() - t_hook
+            hook_s += spent
+            hook_since_log += spent
         stop = preempt.requested() if shard is None else shard.agree_stop(preempt.requested())
         if checkpointer is not None and (checkpointer.due(step) or stop is not None) and step < n_steps:
             prog.window = [(float(l), n) for l, n in window]
-            seg_s = time.perf_counter() - t0
+            seg_s = time.perf_counter() - t0 - hook_s
             checkpointer.save(model, opt, sched, scaler,
-                              dataclasses.replace(prog, train_s=prog.train_s + seg_s,
+                              dataclasses.replace(prog, train_s=prog.train_s + seg_s, hook_s=prog.hook_s + hook_s,
                                                   mem=_max_mem(prog.mem, memory.snapshot() if memory else {})))
         if stop is not None and step < n_steps:
             raise preempt.Interrupted(stop, step)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    train_s = prog.train_s + time.perf_counter() - t0  # all segments of a resumed run
+    train_s = prog.train_s + time.perf_counter() - t0 - hook_s  # all segments of a resumed run
     bar.close()
     if use_cache:
         config.use_cache = use_cache
@@ -293,7 +312,8 @@ def train(model: torch.nn.Module, train: Batches, oc: OptimizerConfig, tc: Train
     del opt  # optimizer states are the run's, not the next phase's
     return TrainResult(n_steps, prog.last_loss, prog.first_loss, train_s, prog.tokens, prog.loss_tokens,
                        epochs_done=prog.micro_batches / max(len(train), 1), optimizer_info=opt_info,
-                       earlier_mem=prog.mem, resumed_from_step=resume[1]["progress"]["step"] if resume else None)
+                       earlier_mem=prog.mem, resumed_from_step=resume[1]["progress"]["step"] if resume else None,
+                       hook_s=prog.hook_s + hook_s)
 
 
 def _restore(model, opt, sched, scaler, weights: dict | None, state: dict, shard=None) -> Progress:

@@ -29,7 +29,6 @@ import json
 import logging
 import math
 import os
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -236,7 +235,6 @@ class Watch:
         self.cohort = cohort_key(cfg)
         # A resumed run (checkpoint.py) keeps the curve of its earlier attempt: its best so far counts.
         self.points: dict[int, float] = read_curve(self.run_dir, self.cohort)
-        self.t0 = time.perf_counter()
 
     def __call__(self, step: int) -> None:
         every = self.cfg.train.eval_every
@@ -248,8 +246,7 @@ class Watch:
             d = self.shard.all_objects(d)[0]  # rank 0's verdict, on every rank
         if d is not None and d.prune:
             raise RunPruned(d, {"train/steps": step, "train/planned_steps": self.n_steps,
-                                "prune/step": step, "prune/val_loss": value,
-                                "time/train_s": time.perf_counter() - self.t0})
+                                "prune/step": step, "prune/val_loss": value})  # the loop adds its times
 
     def _verdict(self, step: int, value: float, every: int) -> Decision | None:
         """Record the point; the pruner's decision, or None where there is nothing to decide."""
