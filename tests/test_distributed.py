@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -66,7 +68,7 @@ def _leftovers(marker: str) -> list[str]:
                 cmd = (p / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
             except OSError:
                 continue
-            if marker in cmd and ("lorasweep.distributed.rank" in cmd or "torch.distributed.run" in cmd):
+            if marker in cmd and ("lorasweep.distributed.rank" in cmd or "lorasweep.distributed.torchrun" in cmd):
                 out.append(f"{p.name}: {cmd}")
     return out
 
@@ -386,4 +388,48 @@ def test_qlora_two_process_matches_one_process(tmp_path):
     for (s, a), (_, b) in zip(got, want):
         assert a == pytest.approx(b, abs=1e-5), s
     _assert_same_adapter(run_dir, Path(one.run_dir), atol=1e-5)
+    assert not _leftovers(str(tmp_path))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGUSR2], ids=["ctrl_c", "sigusr2"])
+def test_a_stopped_two_process_run_is_interrupted_and_resumes_as_one_process(tmp_path, sig):
+    """Ctrl-C (SIGINT to the foreground process group) or submitit's SIGUSR2, at step 10 of 20 with a
+    log line every 4 steps (so the checkpoint holds an unlogged window): 'interrupted', exit 128 +
+    signal, no rank left; relaunched, every logged loss is the one-process run's."""
+    common = [*ARGS, *METHODS["lora"], "train.log_every=4", "train.checkpoint_every=100"]
+    ref = pipeline.run(compose(*common, f"results_dir={tmp_path}/one", "study=one"), show_progress=False)
+    assert ref.status == "completed", ref.error
+    args = [*common, "train.devices=2", f"results_dir={tmp_path}/r", "study=stop"]
+    marker = tmp_path / "held"
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore",
+           "LORASWEEP_TEST_HOLD_RANK": f"10:{marker}"}
+    proc = subprocess.Popen([sys.executable, "-m", "lorasweep.cli", *args], cwd=tmp_path, env=env,
+                            start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 900
+        while not marker.exists():
+            assert proc.poll() is None and time.time() < deadline, "rank 0 never reached step 10"
+            time.sleep(0.1)
+        os.killpg(proc.pid, sig)  # what a terminal's Ctrl-C or SLURM's signal to the job reaches
+        out, _ = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    run_dir = tmp_path / "r" / "stop" / Path(ref.run_dir).name
+    rec = json.loads((run_dir / "record.json").read_text())
+    assert proc.returncode == 128 + sig, out[-3000:]
+    assert rec["status"] == "interrupted" and f"{signal.Signals(sig).name} after step 10" in rec["error"], rec["error"]
+    assert (run_dir / "checkpoints" / "step-00000010").is_dir()
+    time.sleep(1)
+    assert not _leftovers(str(tmp_path)), _leftovers(str(tmp_path))
+    again = _cli(*args, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    rec = json.loads((run_dir / "record.json").read_text())
+    assert rec["status"] == "completed" and rec["metrics"]["train/resumed_from_step"] == 10
+    assert "mem/peak_segment" in rec["metrics"]  # the peaks of both segments
+    got, want = _losses(run_dir), _losses(Path(ref.run_dir))
+    assert [s for s, _ in got] == [s for s, _ in want] == [1, 4, 8, 12, 16, 20]
+    for (s, a), (_, b) in zip(got, want):
+        assert a == pytest.approx(b, abs=1e-5), s
     assert not _leftovers(str(tmp_path))

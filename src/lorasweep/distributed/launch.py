@@ -2,7 +2,7 @@
 
 The job keeps what makes a run one run: its lease, its record and its folder. It checks the
 config and the data (preflight), plans the per-rank memory, opens the record, then starts the
-ranks with PyTorch's own launcher, ``python -m torch.distributed.run`` (torchrun: rendezvous,
+ranks with PyTorch's own launcher, torchrun (``lorasweep.distributed.torchrun``: rendezvous,
 RANK/LOCAL_RANK/WORLD_SIZE, and when one rank fails it stops the others), running
 ``lorasweep.distributed.rank`` (rank.py), and waits. Rank 0 writes ``.dist/result.json``; the job turns it
 into the record. A rank that fails writes ``.dist/error-rank<k>.json``; the earliest one is the
@@ -10,7 +10,9 @@ run's error (the other ranks then fail on a closed connection, or are stopped by
 The ranks' output goes to this process's stderr and to ``<run folder>/ranks.log``.
 
 Stop signals (SLURM preemption, time limits, Ctrl-C) that reach this process are passed on to
-the ranks, which agree on the step to stop after, checkpoint and end as 'interrupted'.
+the ranks, which agree on the step to stop after, checkpoint and end as 'interrupted'; torchrun
+itself holds them (torchrun.py), so it neither kills the ranks early nor dies and leaves them.
+A job stopped before its ranks recorded a result is 'interrupted' too (it resumes).
 
 Several nodes (train.nodes > 1, SLURM): the submitit launcher starts one task per node; each
 runs torchrun for its node (--node-rank = SLURM_NODEID, the master is the job's first node).
@@ -66,7 +68,7 @@ def _master_addr() -> str:
 
 def torchrun_command(cfg: RunConfig, spec_path: Path) -> list[str]:
     tr = cfg.train
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(tr.devices),
+    cmd = [sys.executable, "-m", "lorasweep.distributed.torchrun", "--nproc-per-node", str(tr.devices),
            "--max-restarts", "0", "--monitor-interval", "0.5"]
     if tr.nodes == 1:
         cmd += ["--standalone", "--nnodes", "1"]  # a free local port; no other node to meet
@@ -95,6 +97,13 @@ def _pass_signal(proc: subprocess.Popen, signum: int) -> None:
             os.kill(pid, signum)
         except ProcessLookupError:
             pass
+
+
+def _stop_now(proc: subprocess.Popen) -> None:
+    """End the ranks and torchrun at once (torchrun holds the stop signals, torchrun.py)."""
+    _pass_signal(proc, signal.SIGKILL)
+    proc.kill()
+    proc.wait()
 
 
 def _pump(stream, sink: Path) -> threading.Thread:
@@ -138,16 +147,12 @@ def run_ranks(cfg: RunConfig, spec: dict, run_dir: Path, lease=None) -> int:
                 passed = got
             if lease is not None and lease.lost:
                 log.error("lost the lease of %s: stopping its ranks", spec["run_id"])
-                proc.terminate()
+                _stop_now(proc)
                 break
             time.sleep(POLL_S)
         rc = proc.wait()
-    except BaseException:
-        proc.terminate()  # torchrun stops its ranks on SIGTERM
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+    except BaseException:  # a second Ctrl-C, or this job failing: no rank may outlive it
+        _stop_now(proc)
         raise
     pump.join(timeout=10)
     if node_rank() > 0:
@@ -237,6 +242,7 @@ def launch(cfg: RunConfig, rid: str, run_dir: Path, lease, show_progress: bool):
     """The run, on world_size(cfg.train) processes; recorded like a one-process run."""
     from omegaconf import OmegaConf
 
+    from ..run import preempt
     from ..run.checkpoint import Checkpointer
     from ..run.pipeline import OverBudget, Outcome, PreflightError, _plan, preflight
     from ..run.record import RunRecord
@@ -283,7 +289,9 @@ def launch(cfg: RunConfig, rid: str, run_dir: Path, lease, show_progress: bool):
                 "wandb_id": record.data.get("wandb_id"), "show_progress": show_progress}
         rc = run_ranks(cfg, spec, run_dir, lease)
         result_path = d / RESULT
-        if rc == 0 and result_path.exists():
+        stopped = preempt.requested()
+        if result_path.exists() and (rc == 0 or stopped is not None):
+            # Rank 0's word: on a stop signal torchrun may end non-zero after the ranks checkpointed.
             result = json.loads(result_path.read_text())
             status, error = result["status"], result.get("error")
             metrics.update(result["metrics"])
@@ -291,6 +299,11 @@ def launch(cfg: RunConfig, rid: str, run_dir: Path, lease, show_progress: bool):
                 extra["pruned"] = result["pruned"]  # the rule and numbers that stopped it, as in one process
             if status == "interrupted":
                 log.warning("run %s %s", rid, error)
+        elif stopped is not None:  # stopped before the ranks could say (loading, or mid-checkpoint)
+            status = "interrupted"
+            error = (f"interrupted by {signal.Signals(stopped).name} before the ranks recorded a result; "
+                     f"relaunch the same command to resume from the last checkpoint")
+            log.warning("run %s %s", rid, error)
         else:
             error = root_cause(run_dir, rc)
             log.error("run %s failed: %s", rid, error)

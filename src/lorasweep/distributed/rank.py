@@ -28,6 +28,9 @@ DIST_DIR = ".dist"
 RESULT = "result.json"
 # tests: "<rank>:<step>[:<text>]" raises in that rank after that step (of runs whose id contains <text>)
 CRASH_ENV = "LORASWEEP_TEST_CRASH_RANK"
+# tests: "<step>:<marker file>": rank 0 writes the marker after that step and waits for a stop
+# request, so a test's signal lands in a known step whatever the machine's speed
+HOLD_ENV = "LORASWEEP_TEST_HOLD_RANK"
 
 
 def error_path(run_dir: Path, rank: int) -> Path:
@@ -49,11 +52,28 @@ def _threads(cfg, local_world: int) -> int:
     return max(1, cpus // max(1, local_world))  # the node's cores shared by its ranks
 
 
+def _hold_hook(rank: int):
+    """Tests: rank 0 holds after a given step until a stop signal reaches it (HOLD_ENV)."""
+    spec = os.environ.get(HOLD_ENV, "")
+    if not spec or rank != 0:
+        return None
+    from ..run import preempt
+
+    want, marker = spec.split(":", 1)
+
+    def after_step(step: int) -> None:
+        if step == int(want):
+            Path(marker).write_text(str(os.getpid()))
+            while preempt.requested() is None:
+                time.sleep(0.05)
+    return after_step
+
+
 def _crash_hook(rank: int, run_id: str):
     """A failure injected for tests, after a given step of a given rank."""
     spec = os.environ.get(CRASH_ENV, "")
     if not spec:
-        return None
+        return _hold_hook(rank)
     parts = spec.split(":")
     want_rank, want_step = int(parts[0]), int(parts[1])
     if len(parts) > 2 and parts[2] not in ("", "kill") and parts[2] not in run_id:
@@ -77,7 +97,7 @@ def train_rank(spec: dict, rank: int, world: int, local_rank: int) -> None:
     from ..run import train as train_stage
     from ..run.checkpoint import Checkpointer
     from ..run.loggers import make_logger
-    from ..run.memory import PeakTracker
+    from ..run.memory import PeakTracker, with_earlier_segments
     from ..run.record import write_json_atomic
     from .shard import RankCheckpointer, Shard, init_timeout, own_rng
 
@@ -125,6 +145,7 @@ def train_rank(spec: dict, rank: int, world: int, local_rank: int) -> None:
             logger.log(step, m)
 
     status, error, pruned = "completed", None, None
+    earlier_mem: dict = {}  # the peaks of the segments before a resume (from the checkpoint)
     mem.start("train")
     try:
         with preempt.StopOnSignal():
@@ -140,6 +161,7 @@ def train_rank(spec: dict, rank: int, world: int, local_rank: int) -> None:
         status, error, result = "pruned", str(e), None
         metrics.update(e.metrics)
         pruned = e.decision.details()
+        earlier_mem = getattr(e, "earlier_mem", None) or {}
     del resume
     mem.stop()
     peaks = shard.all_objects(mem.metrics())  # every rank's memory, to rank 0
@@ -155,7 +177,9 @@ def train_rank(spec: dict, rank: int, world: int, local_rank: int) -> None:
         return
     if steps_file is not None:
         steps_file.close()
-    metrics.update(rank_memory(peaks))
+    if result is not None:
+        earlier_mem = result.earlier_mem or {}
+    metrics.update(with_earlier_segments(rank_memory(peaks), earlier_mem))
     if result is not None:
         if result.resumed_from_step is not None:
             metrics["train/resumed_from_step"] = result.resumed_from_step
@@ -259,6 +283,9 @@ def rank_memory(peaks: list[dict]) -> dict:
 
 
 def main(argv: list[str]) -> int:
+    from .torchrun import die_with_parent
+
+    die_with_parent()  # no rank outlives its torchrun (itself tied to the launching job)
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][rank " + os.environ.get("RANK", "?")
                         + "][%(levelname)s] %(message)s")
     spec = json.loads(Path(argv[0]).read_text())

@@ -131,3 +131,15 @@ class PeakTracker:
             if vals:
                 out[f"mem/{k}"] = max(vals)
         return out
+
+
+def with_earlier_segments(now: dict, earlier: dict) -> dict:
+    """A resumed run's mem/peak_* are the max over its segments; mem/peak_segment says which
+    (0 = the segments before the resume, 1 = this one)."""
+    out = dict(now)
+    for k, v in earlier.items():
+        if v > out.get(k, 0.0):
+            out[k] = v
+    if earlier:
+        out["mem/peak_segment"] = int(now.get("mem/peak_rss_gb", 0.0) >= earlier.get("mem/peak_rss_gb", 0.0))
+    return out

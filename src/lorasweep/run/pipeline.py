@@ -39,7 +39,7 @@ from ..config import resolve as resolve_config
 from ..study.lease import HeldElsewhere, Lease
 from .loss import describe as describe_loss
 from .loggers import make_logger
-from .memory import PeakTracker, release_memory
+from .memory import PeakTracker, release_memory, with_earlier_segments
 from .record import RunRecord, read_record, write_json_atomic
 
 log = logging.getLogger("lorasweep")
@@ -318,18 +318,6 @@ def _already_completed(cfg: RunConfig, rid: str, run_dir: Path) -> Outcome | Non
     return None
 
 
-def _segment_peaks(now: dict, earlier: dict) -> dict:
-    """A resumed run's mem/peak_* are the max over its segments; mem/peak_segment says which
-    (0 = the segments before the resume, 1 = this one)."""
-    out = dict(now)
-    for k, v in earlier.items():
-        if v > out.get(k, 0.0):
-            out[k] = v
-    if earlier:
-        out["mem/peak_segment"] = int(now.get("mem/peak_rss_gb", 0.0) >= earlier.get("mem/peak_rss_gb", 0.0))
-    return out
-
-
 class LeaseLost(RuntimeError):
     """Another launch took this run over (this process stalled past the lease timeout)."""
 
@@ -475,7 +463,7 @@ def _run_leased(cfg: RunConfig, rid: str, run_dir: Path, lease: Lease, show_prog
         log.error("run %s failed: %s", rid, error)
     finally:
         mem.close()
-        metrics.update(_segment_peaks(mem.metrics(), earlier_mem))
+        metrics.update(with_earlier_segments(mem.metrics(), earlier_mem))
         metrics["time/total_s"] = time.perf_counter() - t_start
         if probe is not None:
             probe.close()

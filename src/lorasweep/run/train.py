@@ -206,7 +206,11 @@ def train(model: torch.nn.Module, train: Batches, oc: OptimizerConfig, tc: Train
         config.use_cache = False
     steps = _optimizer_steps(train, tc.grad_accum, prog.epoch, prog.batches_in_epoch)
     # (token-mean loss, loss tokens) per step since the last log: the logged loss is token-weighted
-    window: list[tuple[torch.Tensor, int]] = [(torch.tensor(l, device=device), n) for l, n in prog.window]
+    # A checkpoint holds the window summed over the ranks that wrote it: rank 0 (or the one process)
+    # takes it back whole, the other ranks start from 0, so the logged sum counts each step once.
+    own = shard is None or shard.rank == 0
+    window: list[tuple[torch.Tensor, int]] = [(torch.tensor(l if own else 0.0, dtype=torch.float64, device=device), n)
+                                              for l, n in prog.window]
     bar = tqdm(total=n_steps, initial=prog.step, desc="train", unit="step", disable=not show_progress,
                leave=False, dynamic_ncols=True)
     t0 = time.perf_counter()
@@ -254,7 +258,7 @@ def train(model: torch.nn.Module, train: Batches, oc: OptimizerConfig, tc: Train
         prog.epoch, prog.batches_in_epoch = (epoch + 1, 0) if done_in_epoch >= len(train) else (epoch, done_in_epoch)
 
         if step % tc.log_every == 0 or step == n_steps or step == 1:
-            losses = torch.stack([l for l, _ in window]).cpu()  # the one host sync, on logging steps only
+            losses = torch.stack([l.double() for l, _ in window]).cpu()  # the one host sync, on logging steps only
             if shard is not None:
                 losses = shard.sum_over_ranks(losses)  # the ranks' parts add up to the global token mean
             finite = torch.isfinite(losses)
@@ -295,7 +299,7 @@ def train(model: torch.nn.Module, train: Batches, oc: OptimizerConfig, tc: Train
             hook_since_log += spent
         stop = preempt.requested() if shard is None else shard.agree_stop(preempt.requested())
         if checkpointer is not None and (checkpointer.due(step) or stop is not None) and step < n_steps:
-            prog.window = [(float(l), n) for l, n in window]
+            prog.window = _window_to_save(window, shard)
             seg_s = time.perf_counter() - t0 - hook_s
             checkpointer.save(model, opt, sched, scaler,
                               dataclasses.replace(prog, train_s=prog.train_s + seg_s, hook_s=prog.hook_s + hook_s,
@@ -314,6 +318,17 @@ def train(model: torch.nn.Module, train: Batches, oc: OptimizerConfig, tc: Train
                        epochs_done=prog.micro_batches / max(len(train), 1), optimizer_info=opt_info,
                        earlier_mem=prog.mem, resumed_from_step=resume[1]["progress"]["step"] if resume else None,
                        hook_s=prog.hook_s + hook_s)
+
+
+def _window_to_save(window: list, shard) -> list[tuple[float, int]]:
+    """The unlogged steps' (loss, loss tokens), each loss the sum of every rank's part (a collective:
+    every rank saves at the same step), so a relaunch on any number of processes logs it right."""
+    if not window:
+        return []
+    losses = torch.stack([l.double() for l, _ in window]).cpu()
+    if shard is not None:
+        losses = shard.sum_over_ranks(losses)
+    return [(float(v), n) for v, (_, n) in zip(losses, window)]
 
 
 def _restore(model, opt, sched, scaler, weights: dict | None, state: dict, shard=None) -> Progress:
