@@ -433,3 +433,32 @@ def test_a_stopped_two_process_run_is_interrupted_and_resumes_as_one_process(tmp
     for (s, a), (_, b) in zip(got, want):
         assert a == pytest.approx(b, abs=1e-5), s
     assert not _leftovers(str(tmp_path))
+
+
+@pytest.mark.slow
+def test_a_run_node_0_skips_leaves_no_other_node_waiting(tmp_path):
+    """Two nodes on one host; node 0 finds the run over planner.budget_gb and skips it: node 1 hears
+    so and ends at once instead of waiting on a rendezvous that never comes."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = [*ARGS, *METHODS["lora"], "train.nodes=2", "train.devices=1", "planner.budget_gb=0.0001",
+            f"results_dir={tmp_path}/r", "study=skip"]
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(port), "LORASWEEP_DIST_TIMEOUT_S": "900"}
+    procs = [subprocess.Popen([sys.executable, "-m", "lorasweep.cli", *args], cwd=tmp_path,
+                              env={**env, "LORASWEEP_NODE_RANK": str(k)}, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, start_new_session=True) for k in (1, 0)]
+    try:
+        outs = [p.communicate(timeout=240)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+    assert [p.returncode for p in procs] == [0, 0], [o[-2000:] for o in outs]
+    assert "node 0 skipped it" in outs[0] and "planner.budget_gb" in outs[0]
+    (rec,) = (tmp_path / "r" / "skip").glob("*/record.json")
+    assert json.loads(rec.read_text())["status"] == "skipped"
+    assert not _leftovers(str(tmp_path))

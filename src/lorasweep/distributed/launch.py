@@ -223,13 +223,60 @@ def rank_config(cfg: RunConfig) -> dict:
     return d
 
 
-def follow(cfg: RunConfig, rid: str, run_dir: Path) -> None:
-    """Node k > 0 of a multi-node run: run this node's ranks; node 0 keeps the record."""
+# Multi-node: node 0 alone decides whether a run trains (completed, running elsewhere, over budget,
+# refused at preflight). It writes its decision to <run folder>/.nodes/<launch>.json; the other
+# nodes wait for it before starting torchrun, so a run node 0 skips leaves no node waiting on a
+# rendezvous. <launch> is the SLURM job and its restart count (else MASTER_PORT, or
+# LORASWEEP_LAUNCH_ID): one key per launch, the same on every node.
+NODES_DIR = ".nodes"
+
+
+def _decision_path(run_dir: Path) -> Path:
+    key = os.environ.get("LORASWEEP_LAUNCH_ID") or (
+        f"slurm-{os.environ['SLURM_JOB_ID']}-{os.environ.get('SLURM_RESTART_COUNT', '0')}"
+        if "SLURM_JOB_ID" in os.environ else f"port-{os.environ.get('MASTER_PORT', 'none')}")
+    return Path(run_dir) / NODES_DIR / f"{key}.json"
+
+
+def announce(cfg: RunConfig, run_dir: Path, go: bool, reason: str | None = None) -> None:
+    """Node 0 of a multi-node run: tell the other nodes whether to start their ranks."""
+    if cfg.train.nodes <= 1 or node_rank() != 0:
+        return
+    from ..run.record import write_json_atomic
+
+    path = _decision_path(run_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(path, {"go": go, "reason": reason, "time": time.time()})
+
+
+def _await_node0(run_dir: Path, rid: str) -> dict:
+    from .shard import init_timeout
+
+    path, deadline = _decision_path(run_dir), time.time() + init_timeout().total_seconds()
+    while True:
+        try:
+            return json.loads(path.read_text())
+        except (FileNotFoundError, ValueError):
+            pass
+        if time.time() > deadline:
+            raise RuntimeError(f"node {node_rank()} of {rid}: node 0 said nothing about this launch in "
+                               f"{init_timeout().total_seconds():.0f} s ({path}; LORASWEEP_DIST_TIMEOUT_S)")
+        time.sleep(POLL_S)
+
+
+def follow(cfg: RunConfig, rid: str, run_dir: Path) -> str | None:
+    """Node k > 0 of a multi-node run: run this node's ranks; node 0 keeps the record. Returns why
+    node 0 skipped the run, or None when it trained."""
+    decision = _await_node0(run_dir, rid)
+    if not decision.get("go"):
+        log.info("skip %s: node 0 skipped it (%s)", rid, decision.get("reason"))
+        return decision.get("reason") or "skipped by node 0"
     spec = {"config": rank_config(cfg), "run_dir": str(Path(run_dir).resolve()), "run_id": rid,
             "device": _device_type(cfg), "resume": not cfg.rerun, "show_progress": False}
     rc = run_ranks(cfg, spec, run_dir)
     if rc != 0:
         raise RuntimeError(f"node {node_rank()} of {rid}: torchrun exited with code {rc}")
+    return None
 
 
 def _device_type(cfg: RunConfig) -> str:
@@ -267,6 +314,7 @@ def launch(cfg: RunConfig, rid: str, run_dir: Path, lease, show_progress: bool):
     metrics: dict = {"dist/world_size": world}
     extra: dict = {}  # record fields beside the metrics (a pruned run's verdict)
     status, error = "failed", None
+    announced = False
     t_start = time.perf_counter()
     try:
         device = _device_type(cfg)
@@ -287,6 +335,8 @@ def launch(cfg: RunConfig, rid: str, run_dir: Path, lease, show_progress: bool):
         spec = {"config": rank_config(cfg), "run_dir": str(Path(run_dir).resolve()), "run_id": rid, "device": device,
                 "resume": from_step is not None, "include_path": include_path,
                 "wandb_id": record.data.get("wandb_id"), "show_progress": show_progress}
+        announce(cfg, run_dir, go=True)
+        announced = True
         rc = run_ranks(cfg, spec, run_dir, lease)
         result_path = d / RESULT
         stopped = preempt.requested()
@@ -315,6 +365,9 @@ def launch(cfg: RunConfig, rid: str, run_dir: Path, lease, show_progress: bool):
         (Path(run_dir) / "error.log").write_text(traceback.format_exc())
         log.error("run %s failed: %s", rid, error)
     finally:
+        # Skipped or refused before the ranks, or over: a node that starts late must not wait for them.
+        announce(cfg, run_dir, go=False, reason=(f"this launch's run ended {status}" if announced
+                                                 else error or status))
         metrics["time/total_s"] = time.perf_counter() - t_start
         if not lease.lost:
             record.finish(status, metrics, error, **extra)

@@ -282,21 +282,24 @@ def run(cfg: RunConfig, *, show_progress: bool = True) -> Outcome:
     rid = make_run_id(cfg)
     run_dir = run_dir_for(cfg)
     if distributed.wanted(cfg) and distributed.node_rank() > 0:  # another node of a multi-node run
-        distributed.follow(cfg, rid, run_dir)
-        return Outcome(rid, "follower", None, str(run_dir))
+        skipped = distributed.follow(cfg, rid, run_dir)
+        return Outcome(rid, "follower", skipped, str(run_dir))
     done = _already_completed(cfg, rid, run_dir)
     if done is not None:
+        distributed.announce(cfg, run_dir, go=False, reason=done.error or "already completed")
         return done
     lease = Lease(run_dir)  # one launch trains a run, however many launches of its sweep there are
     try:
         lease.acquire()
     except HeldElsewhere as e:
         log.info("skip %s: %s", rid, e)
+        distributed.announce(cfg, run_dir, go=False, reason=str(e))
         return Outcome(rid, "elsewhere", str(e), str(run_dir))
     try:
         # Under the lease, look again: another launch may have finished the run since the check above.
         done = _already_completed(cfg, rid, run_dir)
         if done is not None:
+            distributed.announce(cfg, run_dir, go=False, reason=done.error or "already completed")
             return done
         with preempt.StopOnSignal():  # SIGTERM/SIGUSR1/SIGUSR2/Ctrl-C: stop after the step, checkpointed
             if distributed.wanted(cfg):  # train.devices x train.nodes > 1: torchrun starts the ranks
