@@ -324,3 +324,41 @@ def test_cuda_loss_path_equals_the_models_own(head):
     assert abs(ours.item() - own.item()) <= 1e-5
     for n in g_own:
         torch.testing.assert_close(g_ours[n], g_own[n], atol=1e-5, rtol=1e-4, msg=n)
+
+
+def test_every_listed_model_computes_its_logits_as_the_bare_head():
+    """BARE_HEAD is what lets the labelled path replace a model's forward: each listed class's forward
+    (in the installed transformers) must assign its logits only as lm_head(hidden)."""
+    import inspect
+    import re
+
+    for name in sorted(L.BARE_HEAD):
+        cls = getattr(transformers, name)
+        src = inspect.getsource(cls.forward)
+        assigned = [l.strip() for l in src.splitlines()
+                    if re.match(r"\s*(lm_)?logits = ", l) and not l.rstrip().endswith(",")]  # statements, not keywords
+        assert assigned and all(re.fullmatch(r"(lm_)?logits = self\.lm_head\(hidden_states\)(\.contiguous\(\))?", a)
+                                for a in assigned), (name, assigned)
+
+
+def test_falcon_h1_and_gemma_3n_keep_their_own_forward():
+    """Falcon-H1 multiplies lm_head's output by lm_head_multiplier; Gemma-3n softcaps (its setting in
+    text_config): the labelled path would train another loss, so both take the full one, and say why."""
+    falcon = transformers.FalconH1ForCausalLM(transformers.FalconH1Config(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, mamba_d_ssm=32, mamba_n_heads=4, mamba_d_head=8, mamba_d_state=8,
+        mamba_n_groups=1, mamba_chunk_size=8, lm_head_multiplier=4.0))
+    assert L.split_head(falcon) is None
+    why = L.describe(falcon, "labelled", torch.device("cpu"))
+    assert why.startswith("full: FalconH1ForCausalLM is not on the list"), why
+    b = _unpacked_batch()
+    with torch.no_grad():
+        own = falcon(**{k: v for k, v in b.items() if k != "labels"}).logits
+    want = torch.nn.functional.cross_entropy(own[:, :-1].reshape(-1, own.shape[-1]).float(), b["labels"][:, 1:].reshape(-1),
+                                             ignore_index=-100, reduction="sum")
+    with torch.no_grad():
+        assert float(L.batch_loss_sum(falcon, b)) == pytest.approx(float(want), rel=1e-6)  # the model's own loss
+
+    model = _llama(False)
+    model.config.lm_head_multiplier = 4.0  # a transform field set on a listed class's config: taken as meant
+    assert L.split_head(model) is None and "lm_head_multiplier=4.0" in L.describe(model, "labelled", torch.device("cpu"))

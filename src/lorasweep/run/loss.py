@@ -28,9 +28,20 @@ HEAD_MODES = ("labelled", "full")
 # The fp32 logits of one chunk of positions take at most this much: 682 positions of SmolLM2's
 # 49,152-token vocabulary, 261 of Llama-3's 128,256. The planner sizes the loss by it.
 CHUNK_BYTES = 2**27
-# Output transforms a CausalLM forward may apply after lm_head (Gemma-2 softcapping, Cohere and
-# Granite scaling): such models keep their own forward rather than have them re-implemented here.
-_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+# The labelled path computes lm_head(hidden) itself, so it is taken only for transformers' own
+# classes whose forward is exactly ``logits = self.lm_head(hidden_states)`` (tests/test_loss_head.py
+# reads each one's forward to keep this list true). Any other model (Falcon-H1's lm_head_multiplier,
+# Gemma-2/3/3n softcapping, Granite's and Cohere's scaling, remote code) keeps its own forward.
+BARE_HEAD = frozenset({
+    "LlamaForCausalLM", "MistralForCausalLM", "MixtralForCausalLM", "Qwen2ForCausalLM", "Qwen2MoeForCausalLM",
+    "Qwen3ForCausalLM", "Qwen3MoeForCausalLM", "Phi3ForCausalLM", "PhiForCausalLM", "GemmaForCausalLM",
+    "GPT2LMHeadModel", "GPTNeoXForCausalLM", "OPTForCausalLM", "FalconForCausalLM", "StableLmForCausalLM",
+    "Starcoder2ForCausalLM", "OlmoForCausalLM", "Olmo2ForCausalLM", "SmolLM3ForCausalLM", "BloomForCausalLM",
+    "GPTJForCausalLM", "MptForCausalLM"})
+# Config fields that transform the logits after lm_head, with the value that leaves them alone:
+# even on a listed class (an edited config), a set one sends the run down the model's own forward.
+_LOGIT_TRANSFORMS = {"final_logit_softcapping": None, "logit_scale": 1.0, "logits_scaling": 1.0,
+                     "lm_head_multiplier": 1.0}
 
 
 def chunk_positions(vocab_size: int) -> int:
@@ -86,21 +97,43 @@ def unwrap_peft(model: torch.nn.Module) -> torch.nn.Module | None:
     return model
 
 
-def split_head(model: torch.nn.Module) -> HeadParts | None:
-    """Backbone and output head of a causal LM whose forward is ``lm_head(backbone(...))``, under
-    any peft wrapper; None for models whose forward does more (the caller takes the full path)."""
+def why_full(model: torch.nn.Module) -> str | None:
+    """Why this model's loss must come from its own forward, or None where the labelled path
+    computes exactly what the model's forward would."""
     from transformers import PreTrainedModel
 
     base = unwrap_peft(model)
+    if base is None:
+        return "a prompt-learning adapter adds virtual tokens in peft's own forward"
     if not isinstance(base, PreTrainedModel):
+        return f"{type(base).__name__} is not a transformers model"
+    cls = type(base)
+    if cls.__name__ not in BARE_HEAD or not cls.__module__.startswith("transformers.models."):
+        return (f"{cls.__name__} is not on the list of models whose logits are lm_head(hidden) "
+                f"(lorasweep.run.loss.BARE_HEAD)")
+    for cfg in (base.config, _text_config(base.config)):  # Gemma-3n keeps its softcap in text_config
+        for name, identity in _LOGIT_TRANSFORMS.items():
+            v = getattr(cfg, name, None)
+            if v is not None and v != identity:
+                return f"its config's {name}={v} transforms the logits after lm_head"
+    if base.base_model is base or base.get_output_embeddings() is None:
+        return "no separate decoder and output head"
+    return None
+
+
+def _text_config(cfg):
+    get = getattr(cfg, "get_text_config", None)
+    return get() if callable(get) else cfg
+
+
+def split_head(model: torch.nn.Module) -> HeadParts | None:
+    """Backbone and output head of a causal LM whose forward is ``lm_head(backbone(...))``, under
+    any peft wrapper; None for models whose forward does more (the caller takes the full path)."""
+    if why_full(model) is not None:
         return None
+    base = unwrap_peft(model)
     backbone, head = base.base_model, base.get_output_embeddings()
-    if backbone is base or head is None:
-        return None
-    cfg = base.config
-    if any(getattr(cfg, a, None) for a in _LOGIT_TRANSFORMS):
-        return None
-    vocab = getattr(cfg, "vocab_size", None) or getattr(head, "out_features", None)
+    vocab = getattr(base.config, "vocab_size", None) or getattr(head, "out_features", None)
     return HeadParts(backbone, head, int(vocab)) if vocab else None
 
 
@@ -191,7 +224,7 @@ def describe(model: torch.nn.Module, head: str, device: torch.device, task: str 
         return "full: the model's own forward, logits at every position"
     parts = split_head(model)
     if parts is None:
-        return "full: this model's forward does more than lm_head(hidden) (or is a prompt-learning adapter)"
+        return f"full: {why_full(model) or 'no vocabulary size'}"
     if device.type == "cuda" and type(parts.head) is torch.nn.Linear and _liger_loss() is not None:
         return f"labelled: liger-kernel {importlib.metadata.version('liger-kernel')} fused linear cross-entropy"
     return f"labelled: torch, chunks of {chunk_positions(parts.vocab_size)} positions"
