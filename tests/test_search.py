@@ -277,3 +277,30 @@ def test_search_prunes_survives_a_kill_and_resumes(tmp_path):
     assert "# Search: search_tiny_lr" in md and "(1 interrupted and asked again)" in md
     assert f"Trial {study.best_trial.number}: val/loss = **" in md and "hydra.mode=RUN study=search_tiny_lr-best" in md
     assert "optimizer steps trained = **" in md and "## Parameter importance" in md
+
+
+@pytest.mark.parametrize("metric, want", [
+    ("eval/wikitext/bits_per_byte", "minimize"), ("eval/wikitext/word_perplexity", "minimize"),
+    ("eval/wmt16/ter", "minimize"), ("eval/gsm8k/exact_match_strict-match", "maximize"),
+    ("eval/piqa/acc_norm", "maximize"), ("val/loss", "minimize"), ("val/accuracy", "maximize")])
+def test_direction_auto_follows_lm_evals_higher_is_better(metric, want):
+    from lorasweep.config import SearchConfig
+    from lorasweep.study.search import direction
+
+    assert direction(SearchConfig(metric=metric)) == want
+
+
+def test_a_trial_another_worker_trains_is_charged_no_steps(tmp_path):
+    """Its run is held by another worker's lease: those steps are that worker's trial's, not this one's."""
+    import optuna
+
+    from lorasweep.study.search import _tell, compute
+
+    study = optuna.create_study(direction="minimize")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "steps.jsonl").write_text("".join(json.dumps({"step": s, "train/loss": 1.0}) + "\n" for s in (1, 2, 3)))
+    _tell(study, study.ask(), "elsewhere", {}, "running elsewhere (node-b, pid 7)", run_dir)
+    (trial,) = study.trials
+    assert trial.user_attrs["steps"] == 0 and trial.user_attrs["reused"] is True
+    assert compute(study)["steps"] == 0

@@ -187,9 +187,32 @@ def apply(cfg: DictConfig, overrides: list[str]) -> RunConfig:
 # ----------------------------------------------------------------------------- checks
 
 def direction(sc) -> str:
+    """search.direction; ``auto``: lm-eval's own higher_is_better for the metric's name (bits_per_byte,
+    ter, perplexities are minimized), else minimize losses and perplexities, maximize the rest."""
     if sc.direction != "auto":
         return sc.direction
-    return "minimize" if sc.metric.endswith(("loss", "perplexity")) else "maximize"
+    name = sc.metric.rsplit("/", 1)[-1]
+    higher = _lm_eval_higher_is_better(name)
+    if higher is not None:
+        return "maximize" if higher else "minimize"
+    return "minimize" if name.endswith(("loss", "perplexity")) else "maximize"
+
+
+def _lm_eval_higher_is_better(name: str) -> bool | None:
+    """lm-eval's registry entry for a metric, the name as the record writes it (``<metric>`` or
+    ``<metric>_<filter>``, so the longest registered prefix counts); None where it has none."""
+    try:
+        import lm_eval.api.metrics  # noqa: F401  (registers the metrics)
+        from lm_eval.api.registry import higher_is_better_registry
+    except ImportError:  # pragma: no cover - lm-eval is a dependency
+        return None
+    parts = name.split("_")
+    for n in range(len(parts), 0, -1):
+        try:
+            return bool(higher_is_better_registry.get("_".join(parts[:n])))
+        except KeyError:
+            continue
+    return None
 
 
 def metric_problems(rc: RunConfig) -> list[str]:
@@ -437,7 +460,9 @@ def _tell(study, trial, status: str, metrics: dict, error: str | None, run_dir: 
         trial.report(v, step)  # the curve: Optuna's plots and TPE (for pruned trials) read it
     sc_metric = study.user_attrs.get("metric", "val/loss")
     trial.set_user_attr("status", status)
-    trial.set_user_attr("steps", 0 if reused else _trained_steps(run_dir, metrics))
+    # An earlier trial's run, or one another worker trains right now: no compute of this trial's
+    # (that worker's steps are charged to its own trial).
+    trial.set_user_attr("steps", 0 if reused or status == "elsewhere" else _trained_steps(run_dir, metrics))
     trial.set_user_attr("planned_steps", int(metrics.get("train/planned_steps", metrics.get("train/steps", 0)) or 0))
     if reused or status == "elsewhere":
         trial.set_user_attr("reused", True)  # an earlier trial's run, or one another worker trains: no new compute
