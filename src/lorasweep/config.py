@@ -69,7 +69,7 @@ class LoraConfig:
     # for method=partial: module patterns to unfreeze (same presets or names as targets)
     trainable: List[str] = field(default_factory=list)
     bias: str = "none"
-    # Variants, each one peft field (README "LoRA variants"); the defaults are plain LoRA.
+    # Variants, each one peft field (docs/variants.md); the defaults are plain LoRA.
     use_dora: bool = False  # DoRA: a trained magnitude per output row on top of the LoRA direction
     use_rslora: bool = False  # rank-stabilised scaling alpha/sqrt(r) instead of alpha/r
     # default (A random, B = 0) | gaussian | pissa | pissa_niter_<n> (fast SVD) | olora | loftq

@@ -379,7 +379,7 @@ def verdicts_markdown(verdicts: list[Verdict]) -> str:
     """The summary.md section: one line per claim, the comparisons below it when there are several."""
     lines = [f"_Each claim from the study file, judged on the arms' means over seeds. `mean ± h (n=k)`: an arm's "
              f"mean over k seeds and the half-width of its {INTERVAL_NAME}; `diff [lo, hi]`: the Welch 95% "
-             "interval of the difference of means (README: Studies and reports)._", ""]
+             "interval of the difference of means (docs/studies.md)._", ""]
     for v in verdicts:
         art = f" Article: {v.claim.article}." if v.claim.article else ""
         lines.append(f"- **{v.verdict}** `{v.claim.metric}`: {v.claim.text} -- {v.summary}.{art}")
