@@ -16,8 +16,11 @@ from lorasweep.study.lease import LEASE, HeldElsewhere, Lease, is_stale
 
 
 def _write(path: Path, **holder):
+    """Another host's lease; its last heartbeat (the file's mtime) at ``heartbeat``."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"host": "node-b", "pid": 4242, "token": "t", "heartbeat": time.time(), **holder}))
+    body = {"host": "node-b", "pid": 4242, "token": "t", "heartbeat": time.time(), **holder}
+    path.write_text(json.dumps(body))
+    os.utime(path, (body["heartbeat"],) * 2)
 
 
 def test_a_held_lease_is_refused_and_released_only_by_its_owner(tmp_path):
@@ -56,17 +59,21 @@ def test_a_dead_pid_on_this_host_is_stale_at_once():
 def test_the_heartbeat_moves_and_a_taken_lease_is_noticed(tmp_path):
     lease = Lease(tmp_path / "run", timeout=1.2).acquire()  # a beat every 0.2 s
     path = tmp_path / "run" / LEASE
-    first = json.loads(path.read_text())["heartbeat"]
+    body = path.read_text()
+    first = path.stat().st_mtime_ns
     deadline = time.time() + 30
-    while json.loads(path.read_text())["heartbeat"] == first:
+    while path.stat().st_mtime_ns == first:  # the beat touches the file ...
         assert time.time() < deadline
         time.sleep(0.05)
+    assert path.read_text() == body  # ... and never rewrites it
     _write(path, token="someone-else")  # as a launch that found this one stale would
+    newer = path.read_text()
     while not lease.lost:
         assert time.time() < deadline
         time.sleep(0.05)
+    time.sleep(0.5)  # beats that would have come
     lease.release()
-    assert json.loads(path.read_text())["token"] == "someone-else"  # not ours to remove
+    assert path.read_text() == newer  # the newer owner's lease, untouched in content, not ours to remove
 
 
 # ------------------------------------------------------------------ two launches, end to end
@@ -166,3 +173,36 @@ def test_an_empty_lease_blocks_its_run_only_until_the_timeout(tiny, monkeypatch,
         assert out.status == "completed" and not lease.exists()
     else:
         assert out.status == "elsewhere" and "lease.json is unreadable" in out.error and lease.exists()
+
+
+@pytest.mark.slow
+def test_a_launch_that_lost_its_lease_writes_nothing_more(tmp_path):
+    """Held after step 3 (checkpoints and a validation point every step), the run's lease is taken over
+    by another launch; let go, this launch writes no step line, checkpoint, curve point, error.log or
+    record, and leaves the new owner's lease as it found it."""
+    study = tmp_path / "r" / "k"
+    marker = tmp_path / "held"
+    cmd, env = _cmd(*TINY, "train.max_steps=8", "train.checkpoint_every=1", "train.eval_every=1",
+                    "train.eval_examples=4", f"results_dir={tmp_path}/r", "study=k", hold=f"1:3:{marker}")
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 600
+        while not marker.exists():
+            assert proc.poll() is None and time.time() < deadline, "the run never reached step 3"
+            time.sleep(0.1)
+        run_dir = Path(marker.read_text())
+        _write(run_dir / LEASE, token="the-new-owner", pid=1)  # another host took it over
+        newer = (run_dir / LEASE).read_text()
+        before = {p.relative_to(run_dir): (p.stat().st_mtime_ns, p.stat().st_size)
+                  for p in run_dir.rglob("*") if p.name != LEASE}
+        os.killpg(proc.pid, signal.SIGTERM)  # lets the held step go on
+        proc.wait(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    after = {p.relative_to(run_dir): (p.stat().st_mtime_ns, p.stat().st_size)
+             for p in run_dir.rglob("*") if p.name != LEASE}
+    assert after == before
+    assert (run_dir / LEASE).read_text() == newer
+    assert json.loads((run_dir / "record.json").read_text())["status"] == "running"  # the new owner's to write

@@ -23,6 +23,7 @@ import os
 import random
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -87,10 +88,13 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 class Checkpointer:
-    def __init__(self, run_dir: Path, every: int, keep: int):
+    def __init__(self, run_dir: Path, every: int, keep: int, guard: Callable[[], None] | None = None):
+        """``guard``: called before each write; raises where this process may no longer write the
+        run folder (its lease was taken over)."""
         self.dir = Path(run_dir) / FOLDER
         self.every = every
         self.keep = max(1, keep)
+        self.guard = guard
 
     def due(self, step: int) -> bool:
         return self.every > 0 and step % self.every == 0
@@ -111,6 +115,8 @@ class Checkpointer:
     def begin(self, step: int, tag: str | None = None) -> Path:
         """An empty temporary folder for step ``step``'s checkpoint (``tag``: a name every rank of a
         sharded run agrees on; by default this process's id)."""
+        if self.guard is not None:
+            self.guard()
         tmp = self.tmp_folder(step, tag)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)

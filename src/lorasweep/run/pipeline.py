@@ -329,7 +329,12 @@ def _run_leased(cfg: RunConfig, rid: str, run_dir: Path, lease: Lease, show_prog
     """The run itself; every write to its folder happens here, under its lease."""
     config = to_dict(cfg)
     record = RunRecord(run_dir, rid, cfg.study, config)
-    checkpoints = Checkpointer(run_dir, cfg.train.checkpoint_every, cfg.train.keep_checkpoints)
+
+    def guard() -> None:  # before every write: a launch that lost its lease writes nothing more
+        if not lease.held():
+            raise LeaseLost(f"another launch took {rid} over; this one stops writing to it")
+
+    checkpoints = Checkpointer(run_dir, cfg.train.checkpoint_every, cfg.train.keep_checkpoints, guard=guard)
     resume = None if cfg.rerun else checkpoints.load_latest()  # a killed attempt's newest whole checkpoint
     if resume is not None:
         from_step = resume[1]["progress"]["step"]
@@ -405,8 +410,7 @@ def _run_leased(cfg: RunConfig, rid: str, run_dir: Path, lease: Lease, show_prog
                  cfg.train.batch_size * cfg.train.grad_accum)
 
         def log_step(step: int, m: dict) -> None:
-            if lease.lost:
-                raise LeaseLost(f"another launch took {rid} over; this one stops writing to it")
+            guard()
             record.log_step(step, m)
             logger.log(step, m)
 
@@ -418,7 +422,7 @@ def _run_leased(cfg: RunConfig, rid: str, run_dir: Path, lease: Lease, show_prog
         watch = None  # train.eval_every: a validation curve, and the pruner's verdict at each point
         if cfg.train.eval_every:
             periodic = cls_stage.evaluate if classify else eval_stage.validation_loss
-            watch = pruning.Watch(cfg, run_dir, prepared.val, steps,
+            watch = pruning.Watch(cfg, run_dir, prepared.val, steps, guard=guard,
                                   score=lambda val: periodic(model, val, device=device, autocast_dtype=autocast))
         mem.start("train")
         metrics.update(compiling.compile_for_training(model, prepared.train, cfg.train, device=device,
@@ -433,6 +437,7 @@ def _run_leased(cfg: RunConfig, rid: str, run_dir: Path, lease: Lease, show_prog
         compiling.uncompile(model)  # validation and generation run eager
         metrics.update(result.metrics())
 
+        guard()  # lm-eval writes its results and samples into the run folder
         mem.start("eval")
         metrics.update(validation_scores(cfg, model, prepared, loaded.tokenizer, device, autocast))
         if cfg.eval.tasks:
@@ -442,6 +447,7 @@ def _run_leased(cfg: RunConfig, rid: str, run_dir: Path, lease: Lease, show_prog
         mem.stop()
 
         if cfg.lora.method == "lora" and cfg.train.save_adapter and result.steps > 0:
+            guard()
             adapter_stage.save_adapter(model, info, run_dir / "adapter")  # PiSSA/OLoRA: as a plain LoRA
         checkpoints.clear()  # a completed run resumes nothing; checkpoints of a 7B full fine-tune are large
         status = "completed"
@@ -462,7 +468,8 @@ def _run_leased(cfg: RunConfig, rid: str, run_dir: Path, lease: Lease, show_prog
         log.info("skip %s: %s", rid, error)
     except Exception as e:  # noqa: BLE001 - a failed run is recorded, never raised into the sweep
         error = f"{type(e).__name__}: {e}" if not isinstance(e, PreflightError) else str(e)
-        (run_dir / "error.log").write_text(traceback.format_exc())
+        if lease.held():
+            (run_dir / "error.log").write_text(traceback.format_exc())
         log.error("run %s failed: %s", rid, error)
     finally:
         mem.close()
@@ -472,7 +479,7 @@ def _run_leased(cfg: RunConfig, rid: str, run_dir: Path, lease: Lease, show_prog
             probe.close()
             record.data["env"]["activation_dtype"] = probe.dtype  # the residual stream's, first block out
         try:
-            if not lease.lost:
+            if lease.held():
                 record.finish(status, metrics, error, **extra)
         finally:
             if logger is not None:

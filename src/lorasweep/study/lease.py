@@ -2,8 +2,9 @@
 
 A double submit, a SLURM requeue while the old job still runs, or array tasks sharing a study
 would otherwise train one run twice, each overwriting the other's files. The run being trained
-holds ``<run folder>/lease.json`` (host, pid, token, start, heartbeat), refreshed every
-``timeout / 6`` seconds by a daemon thread. Another launch that finds a fresh lease skips the run
+holds ``<run folder>/lease.json`` (host, pid, token, start, heartbeat), its mtime refreshed every
+``timeout / 6`` seconds by a daemon thread (a touch, never a rewrite: no beat can replace a newer
+owner's lease). Another launch that finds a fresh lease skips the run
 ("running elsewhere"); one that finds a stale lease (no heartbeat for ``timeout`` seconds, or the
 owner's pid gone on this same host) takes the run over.
 
@@ -21,7 +22,6 @@ import json
 import logging
 import os
 import socket
-import tempfile
 import threading
 import time
 import uuid
@@ -51,8 +51,12 @@ class HeldElsewhere(RuntimeError):
 
 
 def _read(path: Path) -> dict | None:
+    """The holder, with ``touched`` = the file's mtime (the heartbeat, see Lease._beat)."""
     try:
-        return json.loads(path.read_text())
+        holder = json.loads(path.read_text())
+        if isinstance(holder, dict):
+            holder["touched"] = path.stat().st_mtime
+        return holder
     except FileNotFoundError:
         return None
     except (OSError, ValueError):
@@ -78,7 +82,7 @@ def is_stale(holder: dict, timeout: float, now: float | None = None) -> bool:
     if holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int) \
             and not _pid_alive(holder["pid"]):
         return True
-    return now - float(holder.get("heartbeat", 0)) > timeout
+    return now - max(float(holder.get("heartbeat", 0)), float(holder.get("touched", 0))) > timeout
 
 
 class Lease:
@@ -142,7 +146,8 @@ class Lease:
             grave.unlink(missing_ok=True)
             self.took_over = holder
             log.warning("taking over %s from %s (pid %s): no heartbeat for %.0f s", self.path.parent.name,
-                        holder.get("host"), holder.get("pid"), time.time() - float(holder.get("heartbeat", 0)))
+                        holder.get("host"), holder.get("pid"),
+                        time.time() - max(float(holder.get("heartbeat", 0)), float(holder.get("touched", 0))))
         raise HeldElsewhere(_read(self.path) or {})
 
     def _unreadable_holder(self) -> dict | None:
@@ -163,21 +168,29 @@ class Lease:
         """True once another launch took the lease over (this process stalled past the timeout)."""
         return self._lost
 
+    def held(self) -> bool:
+        """Whether the lease file is still this launch's, read now (before a write to the run folder);
+        once it is not, it never is again."""
+        if self._lost:
+            return False
+        holder = _read(self.path)
+        if holder == {}:
+            return True  # being replaced this instant by our own heartbeat: judge at the next write
+        if holder is None or holder.get("token") != self.token:
+            self._lost = True
+            log.error("lost the lease of %s to %s", self.path.parent.name, (holder or {}).get("host"))
+        return not self._lost
+
     def _beat(self) -> None:
+        """The heartbeat is the lease file's mtime (is_stale reads the later of it and the written
+        one): touching never rewrites the file, so a beat cannot replace a newer owner's lease."""
         while not self._stop.wait(self.interval):
-            holder = _read(self.path)
-            if holder == {}:
-                continue
-            if holder is None or holder.get("token") != self.token:
-                self._lost = True
-                log.error("lost the lease of %s to %s", self.path.parent.name, (holder or {}).get("host"))
+            if not self.held():
                 return
             try:
-                fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{LEASE}.")
-                with os.fdopen(fd, "w") as f:
-                    json.dump({**self._body(), "started": self.started}, f)
-                os.chmod(tmp, 0o644)
-                os.replace(tmp, self.path)
+                os.utime(self.path)
+            except FileNotFoundError:
+                continue  # released or moved aside this instant: the next beat reads who holds it
             except OSError as e:  # a full or flaky disk: the next beat tries again
                 log.warning("lease heartbeat failed: %s", e)
 

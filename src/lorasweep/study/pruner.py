@@ -223,7 +223,8 @@ class Watch:
     processes (``shard``) every rank scores (FSDP's forward is a collective), rank 0 alone writes
     the curve and asks the pruner, and every rank gets its verdict (else the ranks part ways)."""
 
-    def __init__(self, cfg, run_dir: Path, val, n_steps: int, score: Callable[[object], dict], shard=None):
+    def __init__(self, cfg, run_dir: Path, val, n_steps: int, score: Callable[[object], dict], shard=None,
+                 guard: Callable[[], None] | None = None):
         if val is None:
             raise ValueError(f"train.eval_every={cfg.train.eval_every}: the data has no validation split to score")
         self.cfg = cfg
@@ -232,6 +233,7 @@ class Watch:
         self.n_steps = n_steps
         self.score = score
         self.shard = shard
+        self.guard = guard  # before the curve is written: raises once this process may not write
         self.cohort = cohort_key(cfg)
         # A resumed run (checkpoint.py) keeps the curve of its earlier attempt: its best so far counts.
         self.points: dict[int, float] = read_curve(self.run_dir, self.cohort)
@@ -250,6 +252,8 @@ class Watch:
 
     def _verdict(self, step: int, value: float, every: int) -> Decision | None:
         """Record the point; the pruner's decision, or None where there is nothing to decide."""
+        if self.guard is not None:
+            self.guard()
         append_point(self.run_dir, step, value, self.cohort, len(self.subset.examples))
         self.points = {s: v for s, v in self.points.items() if s < step}  # later ones: a resume redoes them
         self.points[step] = value
