@@ -185,6 +185,8 @@ def _search_worker(cfg: DictConfig):
     if last is not None and last.status == "interrupted":
         print(f"lorasweep: run {last.run_id} {last.error}", file=sys.stderr)
         sys.exit(128 + (preempt.requested() or 15))
+    if last is not None:
+        _stop_if_signalled(last)
     return last.__dict__ if last is not None else None
 
 

@@ -627,7 +627,7 @@ def validate(cfg: RunConfig) -> None:
         bad("runs_per_gpu", cfg.runs_per_gpu, "must be a positive integer (runs sharing one GPU; 1 = one each)")
     _check_pruning(cfg, bad)
     if isinstance(cfg.reference, dict) and ("claims" in cfg.reference or "claim" in cfg.reference):
-        from .analysis.report_claims import claim_problems  # a study's claims fail at launch, not at report time
+        from .claims import claim_problems  # a study's claims fail at launch, not at report time
 
         p.extend(claim_problems(cfg.reference))
 

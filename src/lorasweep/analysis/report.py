@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 
 # The public API stays importable from lorasweep.analysis.report (notebooks, tests, users' scripts).
-from .report_data import (HEADERS, ReportError, _find_baseline, load_steps, load_study, memory_key,  # noqa: F401
+from .report_data import (HEADERS, ReportError, find_baseline, load_steps, load_study, memory_key,  # noqa: F401
                           primary_score, score_keys)
 from .report_plots import (make_plots, plot_heatmap, plot_loss_curves, plot_mem_vs_time,  # noqa: F401
                            plot_score_by_run, plot_score_vs_param, plot_seed_spread)
@@ -46,7 +46,7 @@ def write_report(folder: str | Path, baseline: str | dict | None = None) -> dict
     folder = Path(folder)
     df = load_study(folder)
     if baseline is not None:
-        _find_baseline(df, baseline)  # a wrong --baseline fails before any file is written
+        find_baseline(df, baseline)  # a wrong --baseline fails before any file is written
     parse_claims(df.attrs.get("reference"))  # so does a malformed claim
     csv = folder / "summary.csv"
     df.drop(columns=["run_dir"]).to_csv(csv, index=False)

@@ -28,34 +28,16 @@ inconclusive otherwise.
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
 import pandas as pd
 
-from .report_data import ReportError, _num, memory_key
+from ..claims import Claim, ReportError, margin_value, parse_claims  # noqa: F401  (parse_claims: re-exported)
+from .report_data import memory_key, num
 from .report_stats import INTERVAL_NAME, arm_labels, std_interval, t_interval, welch_interval
 
 VERDICTS = ("reproduced", "not reproduced", "opposite", "inconclusive")
-_COMPARE = re.compile(r"^\s*(.+?)\s+(<|>|~|≈)\s+(.+?)\s*$")
-_SPLIT = re.compile(r",\s*(?=[\w.]+(?:/[\w.]+)?\s*=)")  # "targets=q_proj,v_proj, seed=1": split before "seed="
-_FIELDS = {"metric", "compare", "best", "per", "margin", "max_std", "article", "higher_is_better", "note"}
-
-
-@dataclass(frozen=True)
-class Claim:
-    metric: str
-    kind: str                      # compare | best | spread
-    a: dict = field(default_factory=dict)
-    op: str = ""                   # <, >, ~ (compare)
-    b: dict = field(default_factory=dict)
-    per: tuple = ()
-    margin: Any = 0
-    article: str = ""
-    higher_is_better: bool | None = None
-    text: str = ""
-    b_value: float | None = None   # compare: "A < 0": A against a number (e.g. a delta against the base)
 
 
 @dataclass
@@ -68,108 +50,6 @@ class Verdict:
     def line(self) -> str:
         art = f" | article: {self.claim.article}" if self.claim.article else ""
         return f"{self.verdict}: {self.claim.metric}: {self.claim.text} -- {self.summary}{art}"
-
-
-# ----------------------------------------------------------------------------- parsing
-
-def _selector(text: str, where: str) -> dict:
-    out = {}
-    for part in _SPLIT.split(str(text).strip()):
-        if "=" not in part:
-            raise ReportError(f"{where}={text!r}: each arm is param=value, e.g. 'precision=nf4' or "
-                              "'optimizer=sgd, precision=nf4'")
-        k, v = part.split("=", 1)
-        out[k.strip()] = v.strip()
-    return out
-
-
-def _number(text: str) -> float | None:
-    try:
-        return float(text)
-    except ValueError:
-        return None
-
-
-def _margin_value(m: Any) -> float | None:
-    """The number in a margin (5 for '5%'), or None when it is neither a number >= 0 nor a percentage."""
-    if isinstance(m, str) and m.strip().endswith("%"):
-        try:
-            v = float(m.strip()[:-1])
-        except ValueError:
-            return None
-    elif isinstance(m, (int, float)) and not isinstance(m, bool):
-        v = float(m)
-    else:
-        return None
-    return v if v >= 0 else None
-
-
-def parse_claims(reference: dict | None) -> list[Claim]:
-    """The study's claims (reference.claims, a list; `claim` is read too). One error names the bad field."""
-    ref = reference or {}
-    raw = ref.get("claims", ref.get("claim"))
-    if raw is None:
-        return []
-    if isinstance(raw, dict):
-        raw = [raw]
-    if not isinstance(raw, (list, tuple)):
-        raise ReportError(f"reference.claims={raw!r}: must be a list of claims, e.g. "
-                          "[{metric: memory, compare: 'precision=nf4 < precision=fp32'}]")
-    out = []
-    for i, c in enumerate(raw):
-        where = f"reference.claims[{i}]"
-        if not isinstance(c, dict) or not c.get("metric"):
-            raise ReportError(f"{where}={c!r}: needs metric (a measured column such as val/loss, or memory)")
-        unknown = set(c) - _FIELDS
-        if unknown:
-            raise ReportError(f"{where}: unknown field(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(_FIELDS))}")
-        kinds = [k for k in ("compare", "best", "max_std") if c.get(k) is not None]
-        if len(kinds) != 1:
-            raise ReportError(f"{where}: give exactly one of compare ('A < B', 'A > B', 'A ~ B'), best (an arm) "
-                              f"or max_std (a spread), not {kinds or 'none'}")
-        margin = c.get("margin", 0)
-        if _margin_value(margin) is None:
-            raise ReportError(f"{where}.margin={margin!r}: must be a number >= 0 or a percentage like '5%'")
-        per = c.get("per") or ()
-        per = tuple([per] if isinstance(per, str) else per)
-        common = dict(metric=str(c["metric"]), per=per, margin=margin, article=str(c.get("article") or ""),
-                      higher_is_better=c.get("higher_is_better"))
-        if kinds == ["compare"]:
-            m = _COMPARE.match(str(c["compare"]))
-            if not m:
-                raise ReportError(f"{where}.compare={c['compare']!r}: must read 'A < B', 'A > B' or 'A ~ B', "
-                                  "e.g. 'precision=nf4 < precision=fp32'")
-            op = "~" if m.group(2) == "≈" else m.group(2)
-            if op == "~" and not _margin_value(margin):
-                raise ReportError(f"{where}.margin: 'A ~ B' needs a margin > 0 (the largest difference that "
-                                  "still counts as equal), e.g. margin: 2%")
-            text = f"{m.group(1)} {op} {m.group(3)}"
-            b_value = _number(m.group(3))
-            out.append(Claim(kind="compare", a=_selector(m.group(1), f"{where}.compare"), op=op,
-                             b={} if b_value is not None else _selector(m.group(3), f"{where}.compare"),
-                             b_value=b_value, text=text + _per_text(per), **common))
-        elif kinds == ["best"]:
-            out.append(Claim(kind="best", a=_selector(c["best"], f"{where}.best"),
-                             text=f"{c['best']} best" + _per_text(per), **common))
-        else:
-            if _margin_value(c["max_std"]) is None:
-                raise ReportError(f"{where}.max_std={c['max_std']!r}: must be a number >= 0 or a percentage like '2%'")
-            out.append(Claim(kind="spread", margin=c["max_std"], text=f"std over seeds <= {c['max_std']}" + _per_text(per),
-                             **{k: v for k, v in common.items() if k != "margin"}))
-    return out
-
-
-def claim_problems(reference: dict | None) -> list[str]:
-    """The claims' syntax problems as one-line messages (empty when they parse)."""
-    try:
-        parse_claims(reference)
-    except ReportError as e:
-        return [str(e)]
-    return []
-
-
-def _per_text(per: tuple) -> str:
-    return f" (per {', '.join(per)})" if per else ""
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -192,14 +72,14 @@ def _match(col: pd.Series, value: str) -> pd.Series:
         for v in value.split("|"):
             hit |= _match(col, v.strip())
         return hit
-    num = pd.to_numeric(col, errors="coerce")
+    numeric = pd.to_numeric(col, errors="coerce")
     try:
         v = float(value)
     except ValueError:
         v = None
-    if v is not None and num.notna().all():
-        return (num - v).abs() <= 1e-9 * max(1.0, abs(v))
-    return col.map(_num).astype(str) == str(value)
+    if v is not None and numeric.notna().all():
+        return (numeric - v).abs() <= 1e-9 * max(1.0, abs(v))
+    return col.map(num).astype(str) == str(value)
 
 
 def _select(df: pd.DataFrame, sel: dict) -> tuple[pd.DataFrame, str | None]:
@@ -304,7 +184,7 @@ def _groups(df: pd.DataFrame, per: tuple) -> tuple[list[tuple[str, pd.DataFrame]
         col = _column(df, p)
         if col is None:
             return [], f"per: no swept parameter {p!r}"
-        cols[p] = col.map(_num).astype(str)
+        cols[p] = col.map(num).astype(str)
     key = pd.Series([", ".join(f"{p}={cols[p][i]}" for p in per) for i in df.index], index=df.index)
     return [(k, df[key == k]) for k in dict.fromkeys(key)], None
 

@@ -11,6 +11,7 @@ from typing import Any
 
 import pandas as pd
 
+from ..claims import ReportError  # noqa: F401  (raised here, re-exported for the report)
 from ..config import LoraConfig, lora_variant
 from ..run.record import RECORD
 
@@ -26,8 +27,6 @@ NUMERIC_PARAMS = ("r", "alpha", "dropout", "epochs", "seed", "steps")
 BASE_COLUMNS = ("run_id", "label", "status")
 
 
-class ReportError(ValueError):
-    """A folder or baseline the report cannot use; the message says what to pass instead."""
 
 
 # ----------------------------------------------------------------------------- loading
@@ -49,7 +48,7 @@ def _ignored(key: str) -> bool:
     return any(key == k or key.startswith(k + ".") for k in IGNORED_KEYS)
 
 
-def _num(v: Any) -> str:
+def num(v: Any) -> str:
     if isinstance(v, float) and v.is_integer():
         return str(int(v))
     return str(v)
@@ -61,7 +60,7 @@ def _group_labels(cfg: dict) -> dict[str, str]:
     method = lo.get("method", "lora")
     if method == "lora":
         tg = lo.get("targets") or []
-        m = f"lora r{lo.get('r')}/a{_num(lo.get('alpha'))} {','.join(map(str, tg))}"
+        m = f"lora r{lo.get('r')}/a{num(lo.get('alpha'))} {','.join(map(str, tg))}"
     elif method == "partial":
         m = f"partial {','.join(map(str, lo.get('trainable') or []))}"
     else:
@@ -163,14 +162,14 @@ def load_study(folder: str | Path) -> pd.DataFrame:
     for g in GROUP_LABELS:  # labels of groups that did not vary are noise in the table
         if g not in swept and g not in varying:
             df = df.drop(columns=g)
-    df["label"] = [", ".join(f"{c}={_num(row[c])}" for c in swept) or row["run_id"] for _, row in df.iterrows()]
+    df["label"] = [", ".join(f"{c}={num(row[c])}" for c in swept) or row["run_id"] for _, row in df.iterrows()]
 
     # rows in the order of the swept values: numbers ascending, names in the order the sweep ran them
     keys = []
     for c in swept:
-        num = pd.to_numeric(df[c], errors="coerce")
-        if num.notna().all():
-            keys.append(num)
+        numeric = pd.to_numeric(df[c], errors="coerce")
+        if numeric.notna().all():
+            keys.append(numeric)
         else:
             first = {v: i for i, v in reversed(list(enumerate(df[c].astype(str))))}
             keys.append(df[c].astype(str).map(first))
@@ -236,19 +235,19 @@ HEADERS = {"time/train_s": "train time", "mem/peak_allocated_gb": "peak alloc GB
            "val/accuracy": "val acc", "val/f1": "val F1"}
 
 
-def _find_baseline(df: pd.DataFrame, baseline: str | dict | None, strict: bool = True) -> int | None:
+def find_baseline(df: pd.DataFrame, baseline: str | dict | None, strict: bool = True) -> int | None:
     """Index of the baseline row: a label ('precision=fp32'), a run id, or a {param: value} dict.
     Not strict (the study's own default): no match falls back to the first completed run."""
     if baseline is not None and not strict:
         try:
-            return _find_baseline(df, baseline)
+            return find_baseline(df, baseline)
         except ReportError:
             baseline = None
     if baseline is None:
         done = df.index[df["status"] == "completed"]
         return int(done[0]) if len(done) else None
     if isinstance(baseline, dict):
-        want = {str(k): _num(v) for k, v in baseline.items()}
+        want = {str(k): num(v) for k, v in baseline.items()}
     else:
         hit = df.index[(df["run_id"] == str(baseline)) | (df["label"] == str(baseline))]
         if len(hit):
@@ -262,7 +261,7 @@ def _find_baseline(df: pd.DataFrame, baseline: str | dict | None, strict: bool =
     if want and len(cols) == len(want):
         m = pd.Series(True, index=df.index)
         for k in cols:
-            m &= df[k].map(_num) == want[k]
+            m &= df[k].map(num) == want[k]
         if m.any():
             return int(df.index[m][0])
     raise ReportError(f"baseline={baseline!r}: matches no run; use one of: " + "; ".join(df["label"].astype(str)))

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from .report_data import HEADERS, NUMERIC_PARAMS, _num, load_steps, memory_key, primary_score, score_keys
+from .report_data import HEADERS, NUMERIC_PARAMS, num, load_steps, memory_key, primary_score, score_keys
 from .report_stats import arm_columns, arm_labels, arms, t_interval
 
 
@@ -111,8 +111,8 @@ def plot_heatmap(df: pd.DataFrame, path: Path) -> Path | None:
     hw = d.pivot_table(index="r", columns=col, values=key, aggfunc=_half_width).reindex_like(pv)
     fig, ax = _subplots(figsize=(1.5 * len(pv.columns) + 2.5, 0.8 * len(pv.index) + 2))
     im = ax.imshow(pv.to_numpy(dtype=float), cmap="viridis" if hi else "viridis_r", aspect="auto")
-    ax.set_xticks(range(len(pv.columns)), [_num(float(c)) for c in pv.columns])
-    ax.set_yticks(range(len(pv.index)), [_num(float(i)) for i in pv.index])
+    ax.set_xticks(range(len(pv.columns)), [num(float(c)) for c in pv.columns])
+    ax.set_yticks(range(len(pv.index)), [num(float(i)) for i in pv.index])
     ax.set_xlabel(col_name)
     ax.set_ylabel("r")
     vals = pv.to_numpy(dtype=float)
@@ -203,7 +203,7 @@ def plot_score_vs_param(df: pd.DataFrame, param: str, path: Path) -> Path | None
         return None
     if param in ("alpha", "r") and min(xs) > 0 and max(xs) / min(xs) >= 16:
         ax.set_xscale("log", base=2)
-    ax.set_xticks(xs, [_num(float(x)) for x in xs])
+    ax.set_xticks(xs, [num(float(x)) for x in xs])
     ax.set_xlabel(param)
     ax.set_ylabel("loss" if not hi else key)
     ax.set_title(f"{df.attrs.get('study')}: {key} vs {param}" + _seed_note(df), fontsize=10)

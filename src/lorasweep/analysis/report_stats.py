@@ -16,7 +16,7 @@ from typing import Iterable
 import pandas as pd
 from scipy import stats
 
-from .report_data import _find_baseline, _num
+from .report_data import find_baseline, num
 
 CONFIDENCE = 0.95
 INTERVAL_NAME = "95% t-interval"
@@ -121,7 +121,7 @@ def arm_labels(df: pd.DataFrame) -> pd.Series:
     cols = arm_columns(df)
     if not cols:
         return pd.Series("all seeds" if "seed" in (df.attrs.get("swept") or []) else "all runs", index=df.index)
-    return pd.Series([", ".join(f"{c}={_num(r[c])}" for c in cols) for _, r in df.iterrows()], index=df.index)
+    return pd.Series([", ".join(f"{c}={num(r[c])}" for c in cols) for _, r in df.iterrows()], index=df.index)
 
 
 def arms(df: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
@@ -148,7 +148,7 @@ def baseline_arm(df: pd.DataFrame, baseline: str | dict | None = None) -> str | 
     done = df[df["status"] == "completed"]
     if done.empty:
         return None
-    b = _find_baseline(df, baseline) if baseline is not None else _find_baseline(df, ref.get("baseline"), strict=False)
+    b = find_baseline(df, baseline) if baseline is not None else find_baseline(df, ref.get("baseline"), strict=False)
     if b is None or df.loc[b, "status"] != "completed":
         b = done.index[0]
     return str(arm_labels(df).loc[b])

@@ -10,7 +10,7 @@ from typing import Any
 import pandas as pd
 
 from .report_claims import evaluate_claims, verdicts_markdown
-from .report_data import HEADERS, _find_baseline, _num, memory_key, score_keys
+from .report_data import HEADERS, find_baseline, num, memory_key, score_keys
 from .report_stats import INTERVAL_NAME, arms, baseline_arm, t_interval, welch_interval
 
 
@@ -65,7 +65,7 @@ def summary_table(df: pd.DataFrame, baseline: str | dict | None = None) -> str:
     """The article-shaped table: swept values | status | cost with x-baseline | scores, article beside."""
     ref = df.attrs.get("reference") or {}
     swept = df.attrs.get("swept") or []
-    b = _find_baseline(df, baseline) if baseline is not None else _find_baseline(df, ref.get("baseline"), strict=False)
+    b = find_baseline(df, baseline) if baseline is not None else find_baseline(df, ref.get("baseline"), strict=False)
     mem = memory_key(df)
     article: dict = ref.get("article") or {}
     art_base = article.get(ref.get("article_baseline"), {}) if ref.get("article_baseline") else {}
@@ -101,7 +101,7 @@ def summary_table(df: pd.DataFrame, baseline: str | dict | None = None) -> str:
         if i == b and not arow and art_base:  # the measured baseline stands where the article's did
             arow = {_article_key(k, mem): v for k, v in art_base.items()}
             borrowed = f" ({str(ref.get('article_baseline')).split('=', 1)[-1]})"
-        out = [_num(r[c]) for c in swept] if swept else [r["run_id"]]
+        out = [num(r[c]) for c in swept] if swept else [r["run_id"]]
         out[0] = out[0] + (" (baseline)" if i == b else "")
         out.append(str(r["status"]))
         for k in cols:

@@ -594,6 +594,8 @@ def work(cfg: DictConfig, note: Callable[..., None], job: int = 0, show_progress
         reused = last.status == "skipped" or (last.status == "pruned" and not _ran_now(run_dir, trial))
         _tell(study, trial, last.status, last.metrics or {}, last.error, run_dir, reused=reused)
         note(last, trial.number, overrides)
+        if preempt.requested() is not None:  # a stop signal after the trial's training: no further trial
+            return last
     return last
 
 
