@@ -500,6 +500,35 @@ def _check_distributed(cfg: RunConfig, bad) -> None:
         bad("train.compile", tr.compile, "torch.compile on several processes is not available yet; set train.compile=false")
 
 
+# ----------------------------------------------------------------------------- data sources
+# data.mix / eval.val_sets entries: {name: arithmetic | alpaca | jsonl, path: <file>, n: <examples>}
+# plus any other data.* field; checked here, read by run/data.py.
+SOURCE_NAMES = ("arithmetic", "alpaca", "jsonl")
+_SOURCE_FIELDS = {f.name for f in dataclasses.fields(DataConfig)} - {"mix", "name"}
+
+
+def source_problems(spec: Any, field: str, *, needs_n: bool) -> list[str]:
+    """Every problem with one source, each naming ``field`` and the fix (checked before weights load)."""
+    if not isinstance(spec, dict):
+        return [f"{field}={spec!r}: must be a mapping like {{name: arithmetic, n: 200}} or {{name: jsonl, path: FILE, n: 500}}"]
+    out = []
+    name = spec.get("name")
+    if name not in SOURCE_NAMES:
+        out.append(f"{field}.name={name!r}: must be one of {', '.join(SOURCE_NAMES)}")
+    unknown = sorted(set(spec) - _SOURCE_FIELDS - {"name", "n"})
+    if unknown:
+        out.append(f"{field}: unknown key(s) {', '.join(unknown)}; use name, path, n or a data.* field")
+    n = spec.get("n")
+    if (needs_n or n is not None) and (not isinstance(n, int) or isinstance(n, bool) or n <= 0):
+        out.append(f"{field}.n={n!r}: must be a positive number of examples")
+    path = spec.get("path")
+    if name in ("alpaca", "jsonl") and not path:
+        out.append(f"{field}.path=None: {name} needs a local file (path: /path/to/file.json)")
+    elif path and not os.path.exists(os.path.expanduser(str(path))):
+        out.append(f"{field}.path={path!r}: no such file; give an existing path")
+    return out
+
+
 def validate(cfg: RunConfig) -> None:
     """Check every field that can be checked without the model; raise one ConfigError naming all."""
     p: list[str] = []
@@ -584,8 +613,6 @@ def validate(cfg: RunConfig) -> None:
         bad("data.path", da.path, f"data={da.name} needs a local file: data.path=/path/to/file")
     if da.path and not da.path.startswith(("hf://",)) and not os.path.exists(os.path.expanduser(da.path)):
         bad("data.path", da.path, "no such file or folder; give an existing path")
-    from .run.sources import source_problems  # data.mix / eval.val_sets entries, each named by its place
-
     if da.mix and cfg.model.task != "causal_lm":
         bad("data.mix", da.mix, "mixing instruction sources is for causal_lm data; remove data.mix")
     for i, spec in enumerate(da.mix or []):

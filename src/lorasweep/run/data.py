@@ -276,8 +276,6 @@ def training_rows(dc: DataConfig, raw: dict | None = None) -> list[dict]:
     own = (raw or load_raw(dc))["train"]
     rows = own[: dc.max_train_examples] if dc.max_train_examples else list(own)
     if dc.mix:
-        from .sources import mixed_train_rows
-
         rows = rows + mixed_train_rows(list(dc.mix))  # Batches shuffles them together by the seed
     return rows
 
@@ -309,8 +307,6 @@ def prepare_data(dc: DataConfig, tokenizer, *, max_seq_len: int, batch_size: int
 def val_set_batches(dc: DataConfig, specs: dict, tokenizer, *, max_seq_len: int, batch_size: int,
                     seed: int) -> dict[str, Batches]:
     """eval.val_sets as batches, rendered and tokenized like the run's own validation split."""
-    from .sources import val_rows
-
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     out = {}
     for name, spec in specs.items():
@@ -338,3 +334,33 @@ def most_loss_tokens(dc: DataConfig, tokenizer, max_seq_len: int) -> int | None:
     return max((sum(l != IGNORE for l in e["labels"][1:]) for e in cached_tokenize(rows, tokenizer, dc, max_seq_len)),
                default=None)
 
+
+# ----------------------------------------------------------------------------- sources inside a config
+# Extra instruction data named inside a run's config: examples mixed into training (data.mix) and
+# further validation sets scored beside the run's own (eval.val_sets); each entry (checked by
+# config.source_problems) is split into train / val exactly as data=<name> would split it, so a
+# mixed-in source's validation rows never reach training.
+
+def source_config(spec: dict) -> tuple[DataConfig, int | None]:
+    """The DataConfig a source stands for, and how many of its examples to take (None = all)."""
+    fields = {k: v for k, v in spec.items() if k != "n"}
+    if fields.get("name") == "alpaca" and "hub_id" not in fields:
+        fields["hub_id"] = None  # local files only: a mixed source never reaches for the hub
+    return DataConfig(**fields), spec.get("n")
+
+
+def mixed_train_rows(specs: list[dict]) -> list[dict]:
+    """The training rows every ``data.mix`` source adds: the first n of its train split."""
+    rows: list[dict] = []
+    for spec in specs:
+        dc, n = source_config(spec)
+        rows.extend(load_raw(dc)["train"][:n])
+    return rows
+
+
+def val_rows(spec: dict, default_n: int | None) -> list[dict]:
+    """A validation set's rows: the first n (or data.max_val_examples) of its val split."""
+    dc, n = source_config(spec)
+    n = n or default_n
+    rows = load_raw(dc)["val"]
+    return rows[:n] if n else rows

@@ -107,7 +107,7 @@ def preflight(cfg: RunConfig, run_dir: Path | None = None) -> str | None:
             data_stage.load_raw(cfg.data)
         except data_stage.DataError as e:
             problems.append(str(e))
-    from .sources import source_config  # data.mix and eval.val_sets files read back before weights load
+    from .data import source_config  # data.mix and eval.val_sets files read back before weights load
 
     for where, spec in [(f"data.mix[{i}]", m) for i, m in enumerate(cfg.data.mix or [])] + \
                        [(f"eval.val_sets.{k}", v) for k, v in (cfg.eval.val_sets or {}).items()]:
