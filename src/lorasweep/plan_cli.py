@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
                          "LORASWEEP_CONFIG_DIR works too)")
     ap.add_argument("overrides", nargs="*")
     a = ap.parse_args(argv)
-    from .cli import USER_DIRS_ENV, check_user_config_dirs
+    from .compose import USER_DIRS_ENV, check_user_config_dirs
 
     if a.config_dir:  # read by the search-path plugin that lorasweep.cli.register_schema installs
         os.environ[USER_DIRS_ENV] = os.pathsep.join(

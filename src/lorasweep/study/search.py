@@ -173,7 +173,7 @@ def suggest(trial, params: list[Param], base: DictConfig) -> list[str]:
 
 def apply(cfg: DictConfig, overrides: list[str]) -> RunConfig:
     """The job's config with a trial's overrides, as a validated RunConfig."""
-    from ..cli import to_run_config
+    from ..compose import to_run_config
 
     try:
         merged = OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))
@@ -245,7 +245,7 @@ def job_config(config: DictConfig) -> DictConfig:
 def check(config: DictConfig, arguments: list[str] = ()) -> list[str]:
     """Everything wrong with a search, before any run starts: the search block, the run config at
     every end of every range and every choice, and command-line value lists (grids, not searches)."""
-    from ..cli import to_run_config
+    from ..compose import to_run_config
 
     problems = []
     sweeps = [a for a in arguments if _is_value_list(a)]
@@ -497,7 +497,7 @@ class _Lock:
 def prepare(config: DictConfig, arguments: list[str], max_batch_size: int | None) -> int:
     """Create (or reopen) the study, recover what a killed launch left, record the launch; return
     how many worker jobs to start."""
-    from ..cli import to_run_config
+    from ..compose import to_run_config
 
     cfg = job_config(config)
     rc = to_run_config(cfg)
@@ -533,8 +533,8 @@ def n_trials(sc, params: list[Param]) -> int:
 
 def work(cfg: DictConfig, note: Callable[..., None], job: int = 0, show_progress: bool = False):
     """Ask, run, tell until the study holds search.n_trials trials. Returns the last outcome."""
-    from ..run import pipeline
-    from ..cli import to_run_config
+    from ..run import pipeline, preempt
+    from ..compose import to_run_config
 
     base = to_run_config(cfg)
     sc = base.search
@@ -653,7 +653,7 @@ def print_result(config: DictConfig) -> int:
     that should fail the command (trials that crashed; a diverged trial is an answer, not a crash)."""
     from optuna.trial import TrialState
 
-    from ..cli import to_run_config
+    from ..compose import to_run_config
 
     rc = to_run_config(job_config(config))
     try:
