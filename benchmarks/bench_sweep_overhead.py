@@ -73,6 +73,7 @@ def main() -> None:
     print(f"fresh process, no training: {', '.join(f'{s:.1f}' for s in fresh)} s", flush=True)
 
     # 2./3. in one process, the basic launcher's way; the first run pays imports and is not counted
+    from lorasweep import job
     from lorasweep.run import basecache, pipeline
 
     # Count the CPU time spent training/validating, to take it out of the run's CPU time as well:
@@ -91,17 +92,17 @@ def main() -> None:
     pipeline.train_stage.train = clocked(pipeline.train_stage.train)
     pipeline.eval_stage.validation_loss = clocked(pipeline.eval_stage.validation_loss)
     modes: dict[str, list[dict]] = {"in-process": [], "in-process+reuse": []}
-    pipeline.run(compose(common + [f"train.max_steps={a.steps}", "lora.r=2"]), show_progress=False)
+    job.run(compose(common + [f"train.max_steps={a.steps}", "lora.r=2"]), show_progress=False)
     for mode, reuse in (("in-process", False), ("in-process+reuse", True)):
         if reuse:  # the block's first run loads the base it then keeps; it is not counted
-            pipeline.run(compose(common + [f"train.max_steps={a.steps}", "lora.r=2", "train.reuse_base=true"]),
+            job.run(compose(common + [f"train.max_steps={a.steps}", "lora.r=2", "train.reuse_base=true"]),
                          show_progress=False)
         for i in range(a.runs):
             cfg = compose(common + [f"train.max_steps={a.steps}", f"lora.r={4 * (i + 1)}",
                                     f"train.reuse_base={str(reuse).lower()}", f"seed={i}"])
             busy["cpu"] = 0.0
             t, c = time.perf_counter(), time.process_time()
-            o = pipeline.run(cfg, show_progress=False)
+            o = job.run(cfg, show_progress=False)
             wall, cpu = time.perf_counter() - t, time.process_time() - c
             if o.status != "completed":
                 raise SystemExit(f"{mode} run failed: {o.error}")

@@ -53,7 +53,7 @@ def overrides(model: str, prec: str, r: int, batch: int, seq: int, targets: str,
 
 def predicted(ovr: list[str], device_type: str) -> float:
     from lorasweep.plan_cli import compose_run_config
-    from lorasweep.analysis.planner import plan_run
+    from lorasweep.run.planner import plan_run
 
     return plan_run(compose_run_config(ovr), device_type=device_type).peak_gb
 

@@ -43,7 +43,7 @@ def test_eval_forward_leaves_the_4bit_weights_as_loaded(tiny, cpu_kind):
 
 
 def test_periodic_validation_does_not_change_4bit_training(tiny, cpu_kind):
-    from lorasweep.run.pipeline import run
+    from lorasweep.job import run
 
     common = ["precision=nf4", "train.max_steps=8", "train.log_every=1", "train.num_threads=1"]
     a = run(tiny(*common, "study=a"), show_progress=False)

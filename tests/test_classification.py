@@ -6,7 +6,7 @@ import pytest
 
 from conftest import compose
 from lorasweep.run import classification as cls
-from lorasweep.run import pipeline
+from lorasweep import job
 from lorasweep.config import DataConfig
 from lorasweep.run.data import DataError
 from lorasweep.run.record import read_record
@@ -22,7 +22,7 @@ def _run(tmp_path, bert, *overrides):
     cfg = compose("model=minilm_l6", f"model.name_or_path={bert}", "model.name=tiny_bert", "logger=none",
                   f"results_dir={tmp_path / 'results'}", "study=c", "train.batch_size=8", "train.max_seq_len=32",
                   *overrides)
-    return pipeline.run(cfg, show_progress=False)
+    return job.run(cfg, show_progress=False)
 
 
 def test_glue_folder_splits_and_val_split(tmp_path):

@@ -17,9 +17,9 @@ from safetensors.torch import load_file
 
 from conftest import compose
 from slurm_fixture import local_slurm  # noqa: F401  (pytest fixture)
-from lorasweep.run import pipeline
+from lorasweep import job
 from lorasweep.config import ConfigError, run_id, validate
-from lorasweep.study.pruner import read_curve
+from lorasweep.run.pruner import read_curve
 from lorasweep.distributed.shard import row_slice
 
 # 21 examples in micro-batches of 4: each epoch ends on a one-row micro-batch, which leaves rank 1
@@ -103,7 +103,7 @@ def one_process(tmp_path_factory):
     root = tmp_path_factory.mktemp("one")
     dirs = {}
     for name, extra in METHODS.items():
-        out = pipeline.run(compose(*ARGS, *extra, f"results_dir={root}", "study=one"), show_progress=False)
+        out = job.run(compose(*ARGS, *extra, f"results_dir={root}", "study=one"), show_progress=False)
         assert out.status == "completed", out.error
         dirs[name] = Path(out.run_dir)
     return dirs
@@ -169,7 +169,7 @@ def test_fsdp_two_process_sweep_matches_one_process(one_process, tmp_path):
 
 def test_planner_shards_fsdp_state_per_rank():
     from lorasweep.distributed.launch import per_rank
-    from lorasweep.analysis.planner import plan_run
+    from lorasweep.run.planner import plan_run
 
     base = ["model=tiny_llama", "lora=full", "train.batch_size=4", "train.max_seq_len=64"]
     one = plan_run(compose(*base), "cpu", seq_len=None)
@@ -328,7 +328,7 @@ def test_pruner_stops_a_losing_two_process_run(tmp_path):
     run's, written once (rank 0), and a losing run is stopped on both ranks at the same step and
     recorded as pruned with the rule and numbers, as in one process; the sweep goes on."""
     full = [*ARGS, *METHODS["full"], "train.eval_every=5"]
-    one = pipeline.run(compose(*full, f"results_dir={tmp_path}/one", "study=one"), show_progress=False)
+    one = job.run(compose(*full, f"results_dir={tmp_path}/one", "study=one"), show_progress=False)
     assert one.status == "completed", one.error
     res = _cli("-m", "launcher=local", *full, "train.devices=2", "pruner=median", "pruner.min_runs=1",
                "pruner.warmup_steps=5", "optimizer.lr=5e-3,1e-7", f"results_dir={tmp_path}/r", "study=prune",
@@ -357,7 +357,7 @@ def test_base_model_scores_beside_a_two_process_run(tmp_path):
     freshly loaded base (the weights in memory are tuned; full fine-tuning changed the base): the
     same eval/, eval_base/ and eval_delta/ figures as one process."""
     args = [*ARGS, *METHODS["full"], "train.max_steps=4", "eval=arithmetic", "eval.limit=4", "eval.baseline=true"]
-    one = pipeline.run(compose(*args, f"results_dir={tmp_path}/one", "study=one"), show_progress=False)
+    one = job.run(compose(*args, f"results_dir={tmp_path}/one", "study=one"), show_progress=False)
     assert one.status == "completed", one.error
     res = _cli(*args, "train.devices=2", f"results_dir={tmp_path}/r", "study=two", cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -376,7 +376,7 @@ def test_qlora_two_process_matches_one_process(tmp_path):
     """A 4-bit (nf4) base under DDP: each rank quantizes its own copy of the base, the adapters'
     gradients are all-reduced; the losses and adapter are the one-process QLoRA run's."""
     args = [*ARGS, *METHODS["lora"], "precision=nf4", "train.max_steps=10"]
-    one = pipeline.run(compose(*args, f"results_dir={tmp_path}/one", "study=one"), show_progress=False)
+    one = job.run(compose(*args, f"results_dir={tmp_path}/one", "study=one"), show_progress=False)
     assert one.status == "completed", one.error
     res = _cli(*args, "train.devices=2", f"results_dir={tmp_path}/r", "study=two", cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -398,7 +398,7 @@ def test_a_stopped_two_process_run_is_interrupted_and_resumes_as_one_process(tmp
     log line every 4 steps (so the checkpoint holds an unlogged window): 'interrupted', exit 128 +
     signal, no rank left; relaunched, every logged loss is the one-process run's."""
     common = [*ARGS, *METHODS["lora"], "train.log_every=4", "train.checkpoint_every=100"]
-    ref = pipeline.run(compose(*common, f"results_dir={tmp_path}/one", "study=one"), show_progress=False)
+    ref = job.run(compose(*common, f"results_dir={tmp_path}/one", "study=one"), show_progress=False)
     assert ref.status == "completed", ref.error
     args = [*common, "train.devices=2", f"results_dir={tmp_path}/r", "study=stop"]
     marker = tmp_path / "held"

@@ -17,6 +17,7 @@ import torch
 from conftest import compose
 from lorasweep.run import model as model_stage
 from lorasweep.run import pipeline
+from lorasweep import job
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -32,7 +33,7 @@ def _cuda_run(tmp_path, *overrides):
     cfg = compose("model=tiny_llama", "logger=none", f"results_dir={tmp_path / 'results'}", "study=g",
                   "train.device=cuda", "train.max_steps=3", "train.batch_size=4", "train.max_seq_len=80",
                   "data.n_train=32", "data.n_val=8", "data.n_test=8", "train.log_every=1", *overrides)
-    out = pipeline.run(cfg, show_progress=False)
+    out = job.run(cfg, show_progress=False)
     rec = json.loads((Path(out.run_dir) / "record.json").read_text())
     return out, rec
 
@@ -107,7 +108,7 @@ def test_cuda_random_stream_is_restored_after_scoring(tiny, tmp_path, monkeypatc
     torch.cuda.manual_seed_all(7)
     expect = torch.rand(4, device="cuda")
     torch.cuda.manual_seed_all(7)
-    pipeline._benchmark(tiny(), None, None, None, tmp_path, torch.device("cuda"), "eval", False)
+    pipeline.benchmark_scores(tiny(), None, None, None, tmp_path, torch.device("cuda"), "eval", False)
     assert torch.equal(torch.rand(4, device="cuda"), expect)
 
 

@@ -21,7 +21,8 @@ from lorasweep.run import adapter as adapter_stage
 from lorasweep import config as config_mod
 from lorasweep.run import model as model_stage
 from lorasweep.run import pipeline
-from lorasweep.analysis import planner
+from lorasweep import job
+from lorasweep.run import planner
 from lorasweep.config import LoraConfig, ModelConfig, PrecisionConfig, config_hash, resolve, run_id, validate
 
 TINY = ModelConfig(name="tiny_llama", name_or_path="builtin:tiny_llama")
@@ -58,13 +59,13 @@ def test_run_id_hashes_what_auto_resolves_to(monkeypatch):
 
 def test_base_score_cache_is_per_resolved_device(tiny, tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setattr(pipeline, "_benchmark", lambda *a, **k: calls.append(a[5]) or {"eval_base/x/acc": 0.5})
+    monkeypatch.setattr(pipeline, "benchmark_scores", lambda *a, **k: calls.append(a[5]) or {"eval_base/x/acc": 0.5})
     cfg = tiny("eval=arithmetic", "eval.baseline=true")
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    pipeline._base_scores(cfg, None, None, None, tmp_path, cpu, False)
-    again = pipeline._base_scores(cfg, None, None, None, tmp_path, cpu, False)
+    pipeline.base_scores(cfg, None, None, None, tmp_path, cpu, False)
+    again = pipeline.base_scores(cfg, None, None, None, tmp_path, cpu, False)
     assert again["eval_base/reused"] == 1 and len(calls) == 1
-    gpu = pipeline._base_scores(cfg, None, None, None, tmp_path, cuda, False)  # no reuse across devices
+    gpu = pipeline.base_scores(cfg, None, None, None, tmp_path, cuda, False)  # no reuse across devices
     assert "eval_base/reused" not in gpu and calls == [cpu, cuda]
     assert len(list((Path(cfg.results_dir) / cfg.study / ".base_scores").glob("*.json"))) == 2
 
@@ -135,7 +136,7 @@ def test_4bit_run_keeps_activations_in_the_compute_dtype(monkeypatch):
 
 def test_4bit_run_records_its_activation_dtype(tiny, monkeypatch):
     monkeypatch.setenv("LORASWEEP_QUANT_CACHE", "0")
-    out = pipeline.run(tiny("precision=nf4", "precision.compute_dtype=bfloat16", "train.max_steps=2"),
+    out = job.run(tiny("precision=nf4", "precision.compute_dtype=bfloat16", "train.max_steps=2"),
                        show_progress=False)
     assert out.status == "completed", out.error
     env = json.loads((Path(out.run_dir) / "record.json").read_text())["env"]
@@ -245,7 +246,7 @@ def test_scoring_restores_every_random_stream_cuda_included(tiny, tmp_path, monk
     torch.manual_seed(7), random.seed(7), np.random.seed(7)
     expect = (torch.rand(3), random.random(), np.random.rand())
     torch.manual_seed(7), random.seed(7), np.random.seed(7)
-    pipeline._benchmark(tiny(), None, None, None, tmp_path, torch.device("cpu"), "eval", False)
+    pipeline.benchmark_scores(tiny(), None, None, None, tmp_path, torch.device("cpu"), "eval", False)
     assert torch.equal(torch.rand(3), expect[0]) and random.random() == expect[1] and np.random.rand() == expect[2]
     assert cuda_state[0].tolist() == [1, 2, 3]
 
@@ -255,11 +256,11 @@ def test_computed_or_reused_base_score_the_run_trains_the_same(tiny):
     """A run that scored the base, one that reused the score, one that never scored: same losses
     (LoRA dropout draws from torch's stream after the scoring)."""
     over = ("eval=arithmetic", "eval.limit=4", "train.max_steps=4", "train.log_every=1", "lora.dropout=0.2")
-    first = pipeline.run(tiny(*over, "study=a"), show_progress=False)
+    first = job.run(tiny(*over, "study=a"), show_progress=False)
     cfg_b = tiny(*over, "study=b")
     shutil.copytree(Path(first.run_dir).parent / ".base_scores", Path(cfg_b.results_dir) / "b" / ".base_scores")
-    reused = pipeline.run(cfg_b, show_progress=False)
-    never = pipeline.run(tiny(*over, "eval.baseline=false", "study=c"), show_progress=False)
+    reused = job.run(cfg_b, show_progress=False)
+    never = job.run(tiny(*over, "eval.baseline=false", "study=c"), show_progress=False)
     assert first.status == reused.status == never.status == "completed"
     assert "eval_base/reused" not in first.metrics and reused.metrics["eval_base/reused"] == 1
 

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from conftest import compose
-from lorasweep.run import basecache, pipeline
+from lorasweep.run import basecache
+from lorasweep import job
 from tiny_encoder import tiny_bert_dir, write_glue_folder
 
 HERE = Path(__file__).resolve().parent
@@ -28,12 +29,12 @@ def test_one_process_sweep_of_two_seeds_with_reuse_equals_fresh_processes(tmp_pa
     bert = tiny_bert_dir(tmp_path / "models")
     folder = write_glue_folder(tmp_path / "sst2")
     try:
-        same = [pipeline.run(compose(*_overrides(tmp_path, bert, folder, "one"), f"seed={s}"), show_progress=False)
+        same = [job.run(compose(*_overrides(tmp_path, bert, folder, "one"), f"seed={s}"), show_progress=False)
                 for s in (0, 1)]
     finally:
         basecache.drop()
-    code = ("import json, sys; sys.path.insert(0, %r); from conftest import compose; from lorasweep.run import pipeline; "
-            "o = pipeline.run(compose(*sys.argv[1:]), show_progress=False); print(json.dumps(o.metrics))") % str(HERE)
+    code = ("import json, sys; sys.path.insert(0, %r); from conftest import compose; from lorasweep import job; "
+            "o = job.run(compose(*sys.argv[1:]), show_progress=False); print(json.dumps(o.metrics))") % str(HERE)
     fresh = []
     for s in (0, 1):
         p = subprocess.run([sys.executable, "-c", code, *_overrides(tmp_path, bert, folder, "fresh"), f"seed={s}"],
@@ -50,6 +51,6 @@ def test_one_process_sweep_of_two_seeds_with_reuse_equals_fresh_processes(tmp_pa
 def test_thread_count_set_by_a_run_is_restored(tiny):
     before = torch.get_num_threads()
     target = 1 if before != 1 else 2
-    out = pipeline.run(tiny(f"train.num_threads={target}", "eval=none", "train.max_steps=1"), show_progress=False)
+    out = job.run(tiny(f"train.num_threads={target}", "eval=none", "train.max_steps=1"), show_progress=False)
     assert out.status == "completed" and out.metrics is not None
     assert torch.get_num_threads() == before

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from lorasweep.study.lease import LEASE, HeldElsewhere, Lease, is_stale
+from lorasweep.run.lease import LEASE, HeldElsewhere, Lease, is_stale
 
 
 def _write(path: Path, **holder):
@@ -160,7 +160,7 @@ def test_a_dead_owners_run_is_taken_over_once_its_lease_is_stale(tmp_path):
 @pytest.mark.parametrize("age_s, trains", [(0, False), (30, True)])
 def test_an_empty_lease_blocks_its_run_only_until_the_timeout(tiny, monkeypatch, age_s, trains):
     """Its creator died between the exclusive create and the write (or the disk was full)."""
-    from lorasweep.run.pipeline import run, run_dir_for
+    from lorasweep.job import run, run_dir_for
 
     monkeypatch.setenv("LORASWEEP_LEASE_TIMEOUT_S", "10")
     cfg = tiny("train.max_steps=2", "eval=none")
@@ -180,7 +180,6 @@ def test_a_launch_that_lost_its_lease_writes_nothing_more(tmp_path):
     """Held after step 3 (checkpoints and a validation point every step), the run's lease is taken over
     by another launch; let go, this launch writes no step line, checkpoint, curve point, error.log or
     record, and leaves the new owner's lease as it found it."""
-    study = tmp_path / "r" / "k"
     marker = tmp_path / "held"
     cmd, env = _cmd(*TINY, "train.max_steps=8", "train.checkpoint_every=1", "train.eval_every=1",
                     "train.eval_examples=4", f"results_dir={tmp_path}/r", "study=k", hold=f"1:3:{marker}")

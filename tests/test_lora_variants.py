@@ -20,9 +20,10 @@ from conftest import REPO, compose
 from lorasweep.run import adapter as adapter_stage
 from lorasweep import merge, switch
 from lorasweep.run import pipeline, train as train_stage
+from lorasweep import job
 from lorasweep.config import ConfigError, validate
 from lorasweep.run.model import build_model, build_skeleton
-from lorasweep.analysis.planner import plan
+from lorasweep.run.planner import plan
 from lorasweep.run.record import read_record
 from lorasweep.run.reload import RunFolderError
 
@@ -224,7 +225,7 @@ VARIANTS = {
 @pytest.mark.parametrize("name", list(VARIANTS))
 def test_each_variant_trains_tiny_llama_and_records_its_variant(tiny, name):
     cfg = tiny(*VARIANTS[name], "study=variants", "train.num_threads=1", "optimizer.lr=1e-3")
-    out = pipeline.run(cfg, show_progress=False)
+    out = job.run(cfg, show_progress=False)
     assert out.status == "completed", out.error
     m = read_record(out.run_dir)["metrics"]
     assert m["lora/variant"] == (name if name != "rank_pattern" else "lora")
@@ -248,8 +249,8 @@ def pissa_run(tmp_path_factory):
     common = ["model=tiny_llama", "logger=none", f"results_dir={root}", "train.max_steps=4", "train.batch_size=4",
               "train.max_seq_len=80", "data.n_train=64", "data.n_val=16", "data.n_test=16", "eval=arithmetic",
               "eval.limit=8", "train.num_threads=1", "optimizer.lr=1e-3", "lora.dropout=0"]
-    pissa = pipeline.run(compose(*common, "study=p", "lora.init=pissa"), show_progress=False)
-    plain = pipeline.run(compose(*common, "study=l"), show_progress=False)
+    pissa = job.run(compose(*common, "study=p", "lora.init=pissa"), show_progress=False)
+    plain = job.run(compose(*common, "study=l"), show_progress=False)
     assert pissa.status == plain.status == "completed", (pissa.error, plain.error)
     return Path(pissa.run_dir), Path(plain.run_dir)
 
@@ -296,7 +297,7 @@ def test_pissa_on_a_classifier_keeps_its_trained_head_in_the_saved_adapter(tmp_p
                   f"results_dir={tmp_path / 'results'}", "data=sst2", f"data.path={folder}", "train.batch_size=8",
                   "train.max_seq_len=32", "train.max_steps=4", "optimizer.lr=1e-2", "lora=r2_a4_qv",
                   "lora.init=pissa", "lora.dropout=0", "train.num_threads=1")
-    out = pipeline.run(cfg, show_progress=False)
+    out = job.run(cfg, show_progress=False)
     assert out.status == "completed", out.error
     from safetensors.torch import load_file
 

@@ -6,7 +6,7 @@ import pytest
 
 from conftest import compose
 from lorasweep import merge, switch
-from lorasweep.run import pipeline
+from lorasweep import job
 from lorasweep.run.record import read_record
 from lorasweep.run.reload import RunFolderError
 from tiny_encoder import tiny_bert_dir, write_glue_folder
@@ -22,7 +22,7 @@ def runs(tmp_path_factory):
             "train.batch_size=8", "train.max_seq_len=32", "train.max_steps=8", "optimizer.lr=1e-2"]
     out = {}
     for key, extra in (("a", ["lora=r2_a4_qv"]), ("b", ["lora=r8_a16_attention", "seed=1"]), ("full", ["lora=full"])):
-        o = pipeline.run(compose(*base, *extra), show_progress=False)
+        o = job.run(compose(*base, *extra), show_progress=False)
         assert o.status == "completed", o.error
         out[key] = Path(o.run_dir)
     return out

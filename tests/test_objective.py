@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from conftest import compose
-from lorasweep.run import pipeline
+from lorasweep import job
 
 
 def _alpaca_file(path: Path) -> str:
@@ -28,7 +28,7 @@ def _run(tmp_path, data_path, batch, accum, *extra):
                   "train.max_seq_len=256", "train.max_steps=3", "train.log_every=1", "optimizer.lr=1e-2",
                   f"train.batch_size={batch}", f"train.grad_accum={accum}", f"results_dir={tmp_path / 'r'}",
                   f"study=b{batch}x{accum}", *extra)
-    out = pipeline.run(cfg, show_progress=False)
+    out = job.run(cfg, show_progress=False)
     assert out.status == "completed", out.error
     steps = [json.loads(l) for l in (Path(out.run_dir) / "steps.jsonl").read_text().splitlines()]
     weights = load_file(str(Path(out.run_dir) / "adapter" / "adapter_model.safetensors"))
@@ -67,7 +67,7 @@ def test_logged_lr_is_the_rate_the_optimizer_used(tmp_path):
         cfg = compose("model=tiny_llama", "logger=none", "eval=none", "train.max_steps=8", "train.log_every=1",
                       "train.batch_size=2", "train.max_seq_len=80", "data.n_train=32", "optimizer=adamw_cosine",
                       "optimizer.warmup_steps=3", "optimizer.lr=1e-3", f"results_dir={tmp_path}", "study=lr")
-        out = pipeline.run(cfg, show_progress=False)
+        out = job.run(cfg, show_progress=False)
     finally:
         handle.remove()
     assert out.status == "completed", out.error
@@ -88,6 +88,6 @@ def test_biases_and_norms_do_not_decay(tmp_path):
     decay, no_decay = decay_groups(loaded.model)
     assert no_decay and all("norm" in n or n.endswith("bias") for n, _ in no_decay)
     assert not any("norm" in n for n, _ in decay)
-    out = pipeline.run(cfg, show_progress=False)
+    out = job.run(cfg, show_progress=False)
     assert out.metrics["optimizer/no_decay_tensors"] == len(no_decay)
     assert out.metrics["optimizer/decay_tensors"] == len(decay)

@@ -7,7 +7,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from lorasweep.run import basecache, pipeline  # noqa: E402
+from lorasweep.run import basecache  # noqa: E402
+from lorasweep import job  # noqa: E402
 from lorasweep.run import data as D  # noqa: E402
 from lorasweep.run import model as M  # noqa: E402
 from lorasweep.run.cache import cached_examples  # noqa: E402
@@ -137,11 +138,11 @@ def test_token_cache_hit_returns_identical_examples(tiny_model, tmp_path):
 def test_reused_base_is_bit_identical_and_gives_the_fresh_result(tiny, tmp_path):
     basecache.drop()
     try:
-        fresh = pipeline.run(tiny("train.reuse_base=false", "rerun=true", "train.num_threads=1"), show_progress=False)
-        a = pipeline.run(tiny("train.reuse_base=true", "rerun=true", "train.num_threads=1"), show_progress=False)
+        fresh = job.run(tiny("train.reuse_base=false", "rerun=true", "train.num_threads=1"), show_progress=False)
+        a = job.run(tiny("train.reuse_base=true", "rerun=true", "train.num_threads=1"), show_progress=False)
         digest = basecache._entry.digest
         pristine = {k: v.clone() for k, v in basecache._entry.loaded.model.state_dict().items()}
-        b = pipeline.run(tiny("train.reuse_base=true", "rerun=true", "train.num_threads=1"), show_progress=False)
+        b = job.run(tiny("train.reuse_base=true", "rerun=true", "train.num_threads=1"), show_progress=False)
         assert [o.status for o in (fresh, a, b)] == ["completed"] * 3
         assert (a.metrics["model/base_reused"], b.metrics["model/base_reused"]) == (0, 1)
         assert fresh.metrics["train/loss"] == a.metrics["train/loss"] == b.metrics["train/loss"]
@@ -151,7 +152,7 @@ def test_reused_base_is_bit_identical_and_gives_the_fresh_result(tiny, tmp_path)
         assert after.keys() == pristine.keys() and all(torch.equal(after[k], pristine[k]) for k in pristine)
         assert not any("lora" in n for n, _ in base.named_parameters())
         # a run the cache cannot serve (another rank is fine; full fine-tuning is not) evicts it
-        c = pipeline.run(tiny("train.reuse_base=true", "lora=full", "rerun=true", "train.num_threads=1"), show_progress=False)
+        c = job.run(tiny("train.reuse_base=true", "lora=full", "rerun=true", "train.num_threads=1"), show_progress=False)
         assert c.status == "completed" and c.metrics["model/base_reused"] == 0 and basecache._entry is None
     finally:
         basecache.drop()
@@ -172,7 +173,7 @@ def test_weights_hash_sees_a_single_changed_bit(tiny_model):
 
 
 def test_packing_runs_end_to_end(tiny):
-    out = pipeline.run(tiny("train.packing=true", "rerun=true", "train.num_threads=1"), show_progress=False)
+    out = job.run(tiny("train.packing=true", "rerun=true", "train.num_threads=1"), show_progress=False)
     assert out.status == "completed", out.error
     assert out.metrics["train/tokens"] > 0 and out.metrics["val/loss"] > 0
 

@@ -8,7 +8,7 @@ import torch
 
 from lorasweep.run import adapter, model as model_stage
 
-from lorasweep.analysis import planner
+from lorasweep.run import planner
 from lorasweep.config import (DataConfig, LoggerConfig, LoraConfig, ModelConfig, OptimizerConfig, PlannerConfig,
                               PrecisionConfig, RunConfig, TrainConfig)
 
@@ -74,7 +74,7 @@ def test_llama7b_shape_plan_on_meta():
 
 
 def test_budget_skips_the_run_with_the_prediction(tmp_path):
-    from lorasweep.run.pipeline import run
+    from lorasweep.job import run
 
     cfg = _cfg(results_dir=str(tmp_path), study="budget", planner=PlannerConfig(budget_gb=0.01),
                logger=LoggerConfig(name="none", backend="none"))

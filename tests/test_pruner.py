@@ -12,7 +12,7 @@ import pytest
 from conftest import compose
 from test_sweep import TINY, lorasweep, records
 
-from lorasweep.study.pruner import (CURVE, Curve, append_point, asha_rule, median_rule, read_curve, rung_steps,
+from lorasweep.run.pruner import (CURVE, Curve, append_point, asha_rule, median_rule, read_curve, rung_steps,
                               study_curves)
 
 
@@ -161,7 +161,7 @@ def test_periodic_validation_and_pruner_are_not_part_of_the_run_identity():
 # ------------------------------------------------------------------ in a real run (tiny model)
 
 def test_validation_curve_does_not_change_training(tiny):
-    from lorasweep.run.pipeline import run
+    from lorasweep.job import run
 
     a = run(tiny("train.max_steps=6", "study=a", "train.num_threads=1"), show_progress=False)
     b = run(tiny("train.max_steps=6", "train.eval_every=2", "train.eval_examples=8", "study=b", "train.num_threads=1"),
@@ -176,7 +176,7 @@ def test_validation_curve_does_not_change_training(tiny):
 def test_periodic_validation_is_timed_apart_from_training(tiny):
     """train.eval_every is outside the run id: time/train_s and tokens/s must mean the same with it.
     Here validation is far more work than training (8 x 96 items scored vs 8 steps of 4 rows)."""
-    from lorasweep.run.pipeline import run
+    from lorasweep.job import run
 
     common = ["train.max_steps=8", "data.n_val=96", "train.num_threads=1", "train.save_adapter=false"]
     a = run(tiny(*common, "study=a"), show_progress=False)
@@ -193,7 +193,7 @@ def test_periodic_validation_is_timed_apart_from_training(tiny):
 
 def test_losing_run_is_pruned_with_its_verdict_and_not_retrained(tiny):
     """Two runs that learn, then one that cannot (lr 1e-9): stopped at the first check after warm-up."""
-    from lorasweep.run.pipeline import run
+    from lorasweep.job import run
 
     common = ["train.max_steps=8", "train.eval_every=2", "train.eval_examples=8", "pruner=median",
               "pruner.min_runs=2", "pruner.warmup_steps=4", "train.save_adapter=false", "train.num_threads=1"]

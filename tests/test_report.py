@@ -18,9 +18,9 @@ TINY = ["model=tiny_llama", "logger=none", "eval=val", "train.max_steps=2", "tra
 
 
 def _run(root: Path, *overrides: str):
-    from lorasweep.run import pipeline
+    from lorasweep import job
 
-    return pipeline.run(compose(*TINY, f"results_dir={root}", *overrides), show_progress=False)
+    return job.run(compose(*TINY, f"results_dir={root}", *overrides), show_progress=False)
 
 
 @pytest.fixture(scope="module")

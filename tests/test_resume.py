@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import compose
-from lorasweep.run import pipeline
+from lorasweep import job
 from lorasweep.run.checkpoint import Checkpointer
 
 # dropout on, AdamW with warmup + cosine, accumulation: every state a resume must carry matters
@@ -37,7 +37,7 @@ def _adapter(run_dir: Path) -> dict[str, torch.Tensor]:
 def reference(tmp_path_factory):
     """The same run, never interrupted."""
     root = tmp_path_factory.mktemp("ref")
-    out = pipeline.run(compose(*ARGS, f"results_dir={root}", "study=ref"), show_progress=False)
+    out = job.run(compose(*ARGS, f"results_dir={root}", "study=ref"), show_progress=False)
     assert out.status == "completed", out.error
     run_dir = Path(out.run_dir)
     assert not (run_dir / "checkpoints").exists()  # a completed run keeps no checkpoints
@@ -149,7 +149,7 @@ def test_rerun_starts_over_and_keep_checkpoints_is_honoured(tmp_path):
 
     ck.Checkpointer.save = spy
     try:
-        out = pipeline.run(cfg, show_progress=False)
+        out = job.run(cfg, show_progress=False)
     finally:
         ck.Checkpointer.save = save
     assert out.status == "completed"

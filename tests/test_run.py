@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lorasweep.run import pipeline
+from lorasweep import job
 from lorasweep.run.record import read_record
 
 REQUIRED_METRICS = ["train/loss", "val/loss", "val/perplexity", "mem/peak_rss_gb", "time/train_s", "time/total_s",
@@ -14,7 +14,7 @@ REQUIRED_METRICS = ["train/loss", "val/loss", "val/perplexity", "mem/peak_rss_gb
 
 def test_run_trains_and_records_every_figure(tiny):
     cfg = tiny("train.max_steps=30", "optimizer.lr=3e-3", "train.log_every=5", "lora=r16_a32_all_linear")
-    out = pipeline.run(cfg, show_progress=False)
+    out = job.run(cfg, show_progress=False)
     assert out.status == "completed", out.error
     rec = read_record(Path(out.run_dir))
     assert rec["status"] == "completed" and rec["error"] is None
@@ -40,8 +40,8 @@ def test_run_trains_and_records_every_figure(tiny):
 
 def test_pinned_losses_on_a_fixed_seed(tiny):
     """Same seed -> the same numbers, and they match the values pinned here (torch==2.13.0 CPU)."""
-    a = pipeline.run(tiny("train.max_steps=6", "optimizer.lr=1e-2", "study=a"), show_progress=False)
-    b = pipeline.run(tiny("train.max_steps=6", "optimizer.lr=1e-2", "study=b"), show_progress=False)
+    a = job.run(tiny("train.max_steps=6", "optimizer.lr=1e-2", "study=a"), show_progress=False)
+    b = job.run(tiny("train.max_steps=6", "optimizer.lr=1e-2", "study=b"), show_progress=False)
     la, lb = a.metrics["train/loss"], b.metrics["train/loss"]
     assert la == lb
     assert a.metrics["train/first_loss"] == pytest.approx(PINNED_FIRST, abs=2e-3)
@@ -99,7 +99,7 @@ def test_failed_run_closes_wandb_and_records_failure(tiny, monkeypatch):
         raise RuntimeError("simulated crash in training")
 
     monkeypatch.setattr(train_stage, "train", boom)
-    out = pipeline.run(tiny("logger=wandb_offline"), show_progress=False)
+    out = job.run(tiny("logger=wandb_offline"), show_progress=False)
     assert out.status == "failed" and "simulated crash" in out.error
     assert wandb.run is None  # finished in `finally`
     rec = read_record(Path(out.run_dir))
@@ -110,14 +110,14 @@ def test_failed_run_closes_wandb_and_records_failure(tiny, monkeypatch):
 
 
 def test_wandb_offline_run_lives_in_the_run_folder(tiny):
-    out = pipeline.run(tiny("logger=wandb_offline"), show_progress=False)
+    out = job.run(tiny("logger=wandb_offline"), show_progress=False)
     assert out.status == "completed", out.error
     runs = list((Path(out.run_dir) / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
 
 
 def test_max_steps_zero_evaluates_the_model_as_loaded(tiny):
-    out = pipeline.run(tiny("train.max_steps=0"), show_progress=False)
+    out = job.run(tiny("train.max_steps=0"), show_progress=False)
     assert out.status == "completed", out.error
     assert out.metrics["train/steps"] == 0 and "val/loss" in out.metrics
     assert "train/loss" not in out.metrics
@@ -125,15 +125,15 @@ def test_max_steps_zero_evaluates_the_model_as_loaded(tiny):
 
 def test_diverging_run_is_recorded_with_its_step(tiny):
     # An infinite SGD step makes every weight inf: the loss of step 2 is NaN, found at the log of step 5.
-    out = pipeline.run(tiny("optimizer=sgd", "optimizer.lr=inf", "optimizer.max_grad_norm=null",
+    out = job.run(tiny("optimizer=sgd", "optimizer.lr=inf", "optimizer.max_grad_norm=null",
                             "train.max_steps=20", "train.log_every=5"), show_progress=False)
     assert out.status == "failed"
     assert "diverged at step 2" in out.error
 
 
 def test_completed_run_is_skipped_on_relaunch(tiny):
-    first = pipeline.run(tiny(), show_progress=False)
-    again = pipeline.run(tiny(), show_progress=False)
+    first = job.run(tiny(), show_progress=False)
+    again = job.run(tiny(), show_progress=False)
     assert first.status == "completed" and again.status == "skipped" and again.run_id == first.run_id
-    forced = pipeline.run(tiny("rerun=true"), show_progress=False)
+    forced = job.run(tiny("rerun=true"), show_progress=False)
     assert forced.status == "completed"

@@ -111,8 +111,8 @@ def test_space_becomes_run_overrides(tmp_path):
 
 def _fake_run(rc, show_progress=False):
     """A run that costs nothing: val/loss is best at lr 1e-2; runs below lr 1e-3 are 'pruned'."""
-    from lorasweep.run.pipeline import Outcome, run_dir_for
-    from lorasweep.study.pruner import append_point
+    from lorasweep.job import Outcome, run_dir_for
+    from lorasweep.run.pruner import append_point
 
     d = run_dir_for(rc)
     d.mkdir(parents=True, exist_ok=True)
@@ -145,10 +145,10 @@ def _study(cfg):
 
 
 def test_two_workers_share_one_study_and_stop_at_n_trials(tmp_path, monkeypatch):
-    import lorasweep.run.pipeline
+    import lorasweep.job
     from lorasweep.study.search import compute, counts, work
 
-    monkeypatch.setattr(lorasweep.run.pipeline, "run", _fake_run)
+    monkeypatch.setattr(lorasweep.job, "run", _fake_run)
     _, cfg = _prepared(tmp_path, "search.n_trials=12", "search.n_startup_trials=4")
     children = []
     for job in range(2):  # two processes, as two parallel or SLURM jobs would be
@@ -179,11 +179,11 @@ def test_two_workers_share_one_study_and_stop_at_n_trials(tmp_path, monkeypatch)
 def test_a_trial_whose_worker_died_is_asked_again(tmp_path, monkeypatch):
     import socket
 
-    import lorasweep.run.pipeline
+    import lorasweep.job
     from lorasweep.study.search import counts, parse_space, suggest, work
     from omegaconf import OmegaConf
 
-    monkeypatch.setattr(lorasweep.run.pipeline, "run", _fake_run)
+    monkeypatch.setattr(lorasweep.job, "run", _fake_run)
     _, cfg = _prepared(tmp_path, "search.n_trials=4")
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
@@ -207,10 +207,10 @@ def test_a_trial_whose_worker_died_is_asked_again(tmp_path, monkeypatch):
 
 
 def test_grid_sampler_visits_every_point_once(tmp_path, monkeypatch):
-    import lorasweep.run.pipeline
+    import lorasweep.job
     from lorasweep.study.search import work
 
-    monkeypatch.setattr(lorasweep.run.pipeline, "run", _fake_run)
+    monkeypatch.setattr(lorasweep.job, "run", _fake_run)
     config = compose_search(f"results_dir={tmp_path}", "search.sampler=grid", "search.n_trials=6")
     set_space(config, {"optimizer.lr": {"choices": [1e-3, 1e-2, 1e-1]}, "lora.r": {"type": "int", "low": 2, "high": 4, "step": 2}})
     from lorasweep.study.search import check, job_config, prepare

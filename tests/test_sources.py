@@ -3,7 +3,8 @@ import json
 
 import pytest
 
-from lorasweep.run import data, pipeline
+from lorasweep.run import data
+from lorasweep import job
 from lorasweep.config import ConfigError, validate
 
 
@@ -29,7 +30,7 @@ def test_mix_adds_the_first_n_train_rows_of_each_source_and_never_its_held_out_r
 def test_val_set_equal_to_the_runs_own_split_scores_the_same_loss(tiny, tmp_path):
     other = _instructions(tmp_path / "colours.json")
     cfg = tiny("train.max_steps=3", "++eval.val_sets={own:{name:arithmetic,n_train:64,n_val:16,n_test:16},colours:{name:jsonl,path:" + other + "}}")
-    out = pipeline.run(cfg, show_progress=False)
+    out = job.run(cfg, show_progress=False)
     assert out.status == "completed", out.error
     m = out.metrics
     assert m["val/own/loss"] == pytest.approx(m["val/loss"], abs=1e-6)  # same rows, template and objective
@@ -74,5 +75,5 @@ def test_a_malformed_source_file_is_refused_before_weights_load(tiny, tmp_path, 
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"instruction": "a", "output": "b"}\n{not json\n')
     monkeypatch.setattr(model_stage, "build_model", lambda *a, **k: pytest.fail("weights loaded"))
-    out = pipeline.run(tiny("data.mix=[{name:jsonl,path:" + str(bad) + ",n:1}]"), show_progress=False)
+    out = job.run(tiny("data.mix=[{name:jsonl,path:" + str(bad) + ",n:1}]"), show_progress=False)
     assert out.status == "failed" and "data.mix[0]:" in out.error and "line 2 is not valid JSON" in out.error

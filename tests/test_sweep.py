@@ -57,7 +57,7 @@ def test_gpu_pinning_and_thread_share():
 
 
 def test_summary_lists_each_kind_and_counts_silent_runs_as_failed(tmp_path, capsys):
-    from lorasweep.analysis.summary import print_sweep
+    from lorasweep.study.summary import print_sweep
 
     outs = [{"run_id": "a-1", "status": "completed", "metrics": {"train/loss": 1.0}},
             {"run_id": "b-2", "status": "failed", "error": "lora.targets: unknown module(s) qkv",
@@ -114,7 +114,7 @@ def _wandb_records(path: str):
 
 
 def test_failed_run_finishes_its_wandb_run_with_nonzero_exit_code(tmp_path):
-    from lorasweep.run.pipeline import run
+    from lorasweep.job import run
 
     cfg = compose(*[o for o in TINY if not o.startswith("logger")], "logger=wandb_offline",
                   f"results_dir={tmp_path}", "study=w", "optimizer=sgd", "optimizer.lr=inf",

@@ -40,7 +40,7 @@ def task(cfg: DictConfig):
     multirun = _multirun()
     if multirun:
         sweep.job_start(cfg)  # "run k of n"; GPU pinning and thread share before torch starts
-    from .run.pipeline import run
+    from .job import run
 
     if multirun and _search_job():
         return _search_worker(cfg)
@@ -52,13 +52,13 @@ def task(cfg: DictConfig):
         if not multirun:
             print(f"lorasweep: {msg}", file=sys.stderr)
             sys.exit(2)
-        from .run.pipeline import Outcome
+        from .job import Outcome
 
         outcome = Outcome(run_id="(invalid config)", status="failed", error=msg)
     except Exception as e:  # noqa: BLE001 - in a sweep one run's crash must not end the others
         if not multirun:
             raise
-        from .run.pipeline import Outcome
+        from .job import Outcome
 
         outcome = Outcome(run_id="(crashed)", status="failed", error=f"{type(e).__name__}: {e}")
     if outcome.status == "follower":  # node k > 0 of a multi-node run: node 0 notes and reports it
@@ -81,7 +81,7 @@ def task(cfg: DictConfig):
         print(f"lorasweep: run {outcome.run_id} failed: {outcome.error}", file=sys.stderr)
         sys.exit(1)
     else:
-        from .analysis.summary import print_run
+        from .study.summary import print_run
 
         print_run(outcome)
     return outcome.__dict__

@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lorasweep-plan: {problem}", file=sys.stderr)
         return 2
     from .config import resolve, run_id
-    from .analysis.planner import plan_run
+    from .run.planner import plan_run
 
     grids = expand(a.overrides) if a.multirun else [a.overrides]
     status = 0

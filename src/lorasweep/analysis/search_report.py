@@ -16,9 +16,9 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..study.pruner import CURVE, METRIC, read_curve
+from ..run.pruner import CURVE, METRIC, read_curve
 from ..run.record import read_record
-from ..study.search import JOURNAL, compute, load, rerun_command, _shell_quote
+from ..study.search import JOURNAL, compute, load, rerun_command, shell_quote
 
 
 @dataclass
@@ -133,7 +133,7 @@ def _from_records(folder: Path) -> Trials:
     best = min(done, key=lambda t: t.value) if done else None
     rerun = None
     if best is not None and best.run_id in overrides:
-        rerun = "lorasweep " + " ".join(_shell_quote(a) for a in overrides[best.run_id]
+        rerun = "lorasweep " + " ".join(shell_quote(a) for a in overrides[best.run_id]
                                         if not a.startswith(("study=", "hydra.mode="))) \
             + f" hydra.mode=RUN study={df.attrs['study']}-best"
     counted = [t for t in trials if t.status in ("completed", "pruned", "failed")]

@@ -291,7 +291,7 @@ def launch(cfg: RunConfig, rid: str, run_dir: Path, lease, show_progress: bool):
 
     from ..run import preempt
     from ..run.checkpoint import Checkpointer
-    from ..run.pipeline import OverBudget, Outcome, PreflightError, _plan, preflight
+    from ..run.pipeline import OverBudget, Outcome, PreflightError, plan_run, preflight
     from ..run.record import RunRecord
 
     config = to_dict(cfg)
@@ -323,7 +323,7 @@ def launch(cfg: RunConfig, rid: str, run_dir: Path, lease, show_progress: bool):
         include_path = preflight(cfg, run_dir)
         import torch
 
-        planned = _plan(per_rank(cfg), torch.device(device))  # each rank: the run at its share of the batch
+        planned = plan_run(per_rank(cfg), torch.device(device))  # each rank: the run at its share of the batch
         if planned:
             metrics.update(planned.metrics())
             metrics["plan/per_rank_batch"] = cfg.train.batch_size // world

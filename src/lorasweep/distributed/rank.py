@@ -93,7 +93,7 @@ def train_rank(spec: dict, rank: int, world: int, local_rank: int) -> None:
     from ..run import adapter as adapter_stage
     from ..run import model as model_stage
     from ..run import preempt
-    from ..study import pruner as pruning
+    from ..run import pruner as pruning
     from ..run import train as train_stage
     from ..run.checkpoint import Checkpointer
     from ..run.loggers import make_logger
@@ -114,9 +114,9 @@ def train_rank(spec: dict, rank: int, world: int, local_rank: int) -> None:
                             **({"device_id": device} if device.type == "cuda" else {}))
     control = dist.new_group(backend="gloo") if device.type == "cuda" else None
     random_seed = cfg.train.seed
-    from ..run.pipeline import _seed_everything, prepare_run_data  # the one-process run's seeding and data
+    from ..run.pipeline import prepare_run_data, seed_everything  # the one-process run's seeding and data
 
-    _seed_everything(random_seed)
+    seed_everything(random_seed)
     mem = PeakTracker(device)
     mem.start("load")
     loaded, model, info = _build(cfg, device, cfg.train.grad_checkpointing)
@@ -193,9 +193,9 @@ def train_rank(spec: dict, rank: int, world: int, local_rank: int) -> None:
         if cfg.lora.method == "lora" and cfg.train.save_adapter and result.steps > 0:
             adapter_stage.save_adapter(model, info, run_dir / "adapter")
         if cfg.eval.tasks:
-            from ..run.pipeline import _base_scores, _benchmark, _deltas
+            from ..run.pipeline import base_scores, benchmark_scores, eval_deltas
 
-            metrics.update(_benchmark(cfg, model, loaded.tokenizer, spec.get("include_path"), run_dir, device,
+            metrics.update(benchmark_scores(cfg, model, loaded.tokenizer, spec.get("include_path"), run_dir, device,
                                       "eval", spec["show_progress"], autocast))
             if cfg.eval.baseline:
                 # The study's cached base scores, else a fresh unmodified base scored here: the
@@ -203,9 +203,9 @@ def train_rank(spec: dict, rank: int, world: int, local_rank: int) -> None:
                 del model
                 loaded.model = None  # the tuned weights go before the base comes in
                 eval_mem.start("eval_base")
-                metrics.update(_base_scores(cfg, lambda: _fresh_base(cfg, device), loaded.tokenizer,
+                metrics.update(base_scores(cfg, lambda: _fresh_base(cfg, device), loaded.tokenizer,
                                             spec.get("include_path"), run_dir, device, spec["show_progress"], autocast))
-            metrics.update(_deltas(metrics))
+            metrics.update(eval_deltas(metrics))
         eval_mem.close()
         for k, v in eval_mem.metrics().items():  # rank 0's evaluation: its own figures, in the run's max
             if k.startswith("mem/eval_"):
@@ -226,7 +226,7 @@ def train_rank(spec: dict, rank: int, world: int, local_rank: int) -> None:
 def _after_step(cfg, run_dir: Path, prepared, shard: Shard, device, autocast, then):
     """The loop's after_step hook: train.eval_every's validation curve and pruner (pruner.Watch),
     then ``then`` (a test's injected failure)."""
-    from ..study import pruner as pruning
+    from ..run import pruner as pruning
     from ..run import train as train_stage
 
     if not cfg.train.eval_every:

@@ -1,6 +1,8 @@
-"""One run, end to end: preflight -> model -> adapter -> data -> train -> evaluate -> record.
+"""One run on this process, end to end: preflight -> model -> adapter -> data -> train -> evaluate -> record.
 
-The only module that calls the stages; the stages import config types, not each other.
+The only module that calls the stages; the stages import config types, not each other. Whether a
+run trains at all (done before, held by another launch, several processes) is job.py's question;
+the ranks of a run on several processes (distributed/rank.py) reuse the public steps here.
 """
 from __future__ import annotations
 
@@ -27,20 +29,18 @@ from . import basecache as base_cache
 from . import classification as cls_stage
 from . import compiling
 from . import data as data_stage
-from ..distributed import launch as distributed
 from . import evaluate as eval_stage
 from . import model as model_stage
 from . import train as train_stage
-from ..config import DataConfig, RunConfig, exact_base_at_start, run_id as make_run_id, to_dict, validate
+from ..config import DataConfig, RunConfig, exact_base_at_start, run_id as make_run_id, to_dict
 from . import preempt
-from ..study import pruner as pruning
+from . import pruner as pruning
 from .checkpoint import Checkpointer
 from ..config import resolve as resolve_config
-from ..study.lease import HeldElsewhere, Lease
 from .loss import describe as describe_loss
 from .loggers import make_logger
 from .memory import PeakTracker, release_memory, with_earlier_segments
-from .record import RunRecord, read_record, write_json_atomic
+from .record import RunRecord, write_json_atomic
 
 log = logging.getLogger("lorasweep")
 
@@ -144,7 +144,7 @@ def _set_rng_states(states: tuple) -> None:
         torch.cuda.set_rng_state_all(states[3])
 
 
-def _benchmark(cfg: RunConfig, model, tokenizer, include_path, run_dir: Path, device, prefix: str,
+def benchmark_scores(cfg: RunConfig, model, tokenizer, include_path, run_dir: Path, device, prefix: str,
                show_progress: bool, autocast_dtype: torch.dtype | None = None) -> dict:
     # lm-eval reseeds torch (CUDA included) / numpy / random: the run's streams continue as if it
     # had not run, so a run that scored the base and one that reused the score train alike.
@@ -170,7 +170,7 @@ def _score(cfg: RunConfig, model, tokenizer, include_path, run_dir: Path, device
             show_progress=show_progress)
 
 
-def _base_scores(cfg: RunConfig, model, tokenizer, include_path, run_dir: Path, device, show_progress: bool,
+def base_scores(cfg: RunConfig, model, tokenizer, include_path, run_dir: Path, device, show_progress: bool,
                  autocast_dtype: torch.dtype | None = None) -> dict:
     """The base model's scores, computed once per study for each (model, precision, eval, data)
     setting: every run of a sweep over LoRA settings shares the same base, so they share its scores.
@@ -188,12 +188,12 @@ def _base_scores(cfg: RunConfig, model, tokenizer, include_path, run_dir: Path, 
         return {**m, "eval_base/reused": 1, "time/eval_base_s": 0.0}
     if callable(model) and not isinstance(model, torch.nn.Module):
         model = model()  # a loader: the base is loaded only when its scores are not cached yet
-    m = _benchmark(cfg, model, tokenizer, include_path, run_dir, device, "eval_base", show_progress, autocast_dtype)
+    m = benchmark_scores(cfg, model, tokenizer, include_path, run_dir, device, "eval_base", show_progress, autocast_dtype)
     write_json_atomic(cached, m)
     return m
 
 
-def _deltas(metrics: dict) -> dict:
+def eval_deltas(metrics: dict) -> dict:
     """eval_delta/<task>/<metric> = tuned - base, for every scored metric (not stderr)."""
     out = {}
     for k, v in metrics.items():
@@ -208,9 +208,9 @@ class OverBudget(RuntimeError):
     """The plan says this run exceeds planner.budget_gb: recorded as skipped, nothing loaded."""
 
 
-def _plan(cfg: RunConfig, device: torch.device):
+def plan_run(cfg: RunConfig, device: torch.device):
     """The memory plan (planner.py), or None: a planner problem must never fail the run."""
-    from ..analysis.planner import plan_run
+    from .planner import plan_run
 
     try:
         return plan_run(cfg, device_type=device.type)
@@ -219,7 +219,7 @@ def _plan(cfg: RunConfig, device: torch.device):
         return None
 
 
-def _seed_everything(seed: int) -> None:
+def seed_everything(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)
     try:
@@ -275,58 +275,13 @@ def _param_table(run_dir: Path, info: adapter_stage.AdapterInfo) -> None:
     (run_dir / "params.tsv").write_text("\n".join(lines) + "\n" + f"# {info.summary_line}\n")
 
 
-def run(cfg: RunConfig, *, show_progress: bool = True) -> Outcome:
-    """Run one configuration. Bad static config raises ConfigError (no folder is made);
-    anything later is recorded as a failed run and returned, never raised."""
-    validate(cfg)
-    rid = make_run_id(cfg)
-    run_dir = run_dir_for(cfg)
-    if distributed.wanted(cfg) and distributed.node_rank() > 0:  # another node of a multi-node run
-        skipped = distributed.follow(cfg, rid, run_dir)
-        return Outcome(rid, "follower", skipped, str(run_dir))
-    done = _already_completed(cfg, rid, run_dir)
-    if done is not None:
-        distributed.announce(cfg, run_dir, go=False, reason=done.error or "already completed")
-        return done
-    lease = Lease(run_dir)  # one launch trains a run, however many launches of its sweep there are
-    try:
-        lease.acquire()
-    except HeldElsewhere as e:
-        log.info("skip %s: %s", rid, e)
-        distributed.announce(cfg, run_dir, go=False, reason=str(e))
-        return Outcome(rid, "elsewhere", str(e), str(run_dir))
-    try:
-        # Under the lease, look again: another launch may have finished the run since the check above.
-        done = _already_completed(cfg, rid, run_dir)
-        if done is not None:
-            distributed.announce(cfg, run_dir, go=False, reason=done.error or "already completed")
-            return done
-        with preempt.StopOnSignal():  # SIGTERM/SIGUSR1/SIGUSR2/Ctrl-C: stop after the step, checkpointed
-            if distributed.wanted(cfg):  # train.devices x train.nodes > 1: torchrun starts the ranks
-                return distributed.launch(cfg, rid, run_dir, lease, show_progress)
-            return _run_leased(cfg, rid, run_dir, lease, show_progress)
-    finally:
-        lease.release()
-
-
-def _already_completed(cfg: RunConfig, rid: str, run_dir: Path) -> Outcome | None:
-    prev = read_record(run_dir)
-    if prev and prev.get("status") == "completed" and not cfg.rerun:
-        log.info("skip %s: already completed (rerun=true to redo)", rid)
-        return Outcome(rid, "skipped", None, str(run_dir), prev.get("metrics"))
-    if prev and prev.get("status") == "pruned" and cfg.pruner.name != "none" and not cfg.rerun:
-        # A pruner's verdict is final while pruning is on; pruner=none trains the run to its end.
-        log.info("skip %s: pruned earlier (%s)", rid, prev.get("error"))
-        return Outcome(rid, "pruned", prev.get("error"), str(run_dir), prev.get("metrics"))
-    return None
-
-
 class LeaseLost(RuntimeError):
     """Another launch took this run over (this process stalled past the lease timeout)."""
 
 
-def _run_leased(cfg: RunConfig, rid: str, run_dir: Path, lease: Lease, show_progress: bool) -> Outcome:
-    """The run itself; every write to its folder happens here, under its lease."""
+def train_run(cfg: RunConfig, rid: str, run_dir: Path, lease, show_progress: bool) -> Outcome:
+    """The run itself, on this process; every write to its folder happens here, under ``lease``
+    (held by the caller, job.py: ``lease.held()`` is asked before each write)."""
     config = to_dict(cfg)
     record = RunRecord(run_dir, rid, cfg.study, config)
 
@@ -361,7 +316,7 @@ def _run_leased(cfg: RunConfig, rid: str, run_dir: Path, lease: Lease, show_prog
     earlier_mem: dict = {}
     try:
         include_path = preflight(cfg, run_dir)
-        planned = _plan(cfg, device)  # meta skeleton only: the prediction exists before any weight loads
+        planned = plan_run(cfg, device)  # meta skeleton only: the prediction exists before any weight loads
         metrics.update(planned.metrics() if planned else {})
         if planned and cfg.planner.budget_gb is not None and planned.device_gb > cfg.planner.budget_gb:
             raise OverBudget(f"predicted peak {planned.device_gb:.2f} GB > planner.budget_gb={cfg.planner.budget_gb}"
@@ -371,7 +326,7 @@ def _run_leased(cfg: RunConfig, rid: str, run_dir: Path, lease: Lease, show_prog
                              wandb_id=record.data.get("wandb_id"))
         if cfg.train.num_threads > 0:
             torch.set_num_threads(cfg.train.num_threads)  # process-wide: restored in `finally`
-        _seed_everything(cfg.train.seed)
+        seed_everything(cfg.train.seed)
 
         t0 = time.perf_counter()
         loaded, reused = base_cache.acquire(cfg, device)  # a fresh load unless train.reuse_base
@@ -381,7 +336,7 @@ def _run_leased(cfg: RunConfig, rid: str, run_dir: Path, lease: Lease, show_prog
         if base_first:  # PiSSA/OLoRA rewrite the base, LoftQ starts off it: score the unmodified model now
             t_eval = time.perf_counter()
             mem.start("eval_base")
-            metrics.update(_base_scores(cfg, loaded.model, loaded.tokenizer, include_path, run_dir, device,
+            metrics.update(base_scores(cfg, loaded.model, loaded.tokenizer, include_path, run_dir, device,
                                         show_progress, autocast))
             mem.start("adapter")
             t0 += time.perf_counter() - t_eval
@@ -417,7 +372,7 @@ def _run_leased(cfg: RunConfig, rid: str, run_dir: Path, lease: Lease, show_prog
         if cfg.eval.tasks and cfg.eval.baseline and not base_first:
             # Before any step the adapter is the identity (B = 0): this scores the base model.
             mem.start("eval_base")
-            metrics.update(_base_scores(cfg, model, loaded.tokenizer, include_path, run_dir, device, show_progress,
+            metrics.update(base_scores(cfg, model, loaded.tokenizer, include_path, run_dir, device, show_progress,
                                         autocast))
         watch = None  # train.eval_every: a validation curve, and the pruner's verdict at each point
         if cfg.train.eval_every:
@@ -441,9 +396,9 @@ def _run_leased(cfg: RunConfig, rid: str, run_dir: Path, lease: Lease, show_prog
         mem.start("eval")
         metrics.update(validation_scores(cfg, model, prepared, loaded.tokenizer, device, autocast))
         if cfg.eval.tasks:
-            metrics.update(_benchmark(cfg, model, loaded.tokenizer, include_path, run_dir, device, "eval",
+            metrics.update(benchmark_scores(cfg, model, loaded.tokenizer, include_path, run_dir, device, "eval",
                                       show_progress, autocast))
-            metrics.update(_deltas(metrics))
+            metrics.update(eval_deltas(metrics))
         mem.stop()
 
         if cfg.lora.method == "lora" and cfg.train.save_adapter and result.steps > 0:

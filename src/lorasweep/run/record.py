@@ -118,7 +118,7 @@ class RunRecord:
     def start(self, config_yaml: str) -> None:
         """Begin afresh: leftovers of a killed or failed attempt are removed first (all but the
         lease this launch holds, see lease.py)."""
-        from ..study.lease import LEASE
+        from .lease import LEASE
 
         self.dir.mkdir(parents=True, exist_ok=True)
         for p in self.dir.iterdir():

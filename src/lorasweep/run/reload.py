@@ -75,7 +75,7 @@ def autocast_of(cfg: RunConfig) -> torch.dtype | None:
 
 
 def val_batches(cfg: RunConfig, tokenizer):
-    """The run's validation batches, prepared exactly as pipeline.run prepared them."""
+    """The run's validation batches, prepared exactly as the run (pipeline.train_run) prepared them."""
     if cfg.model.task == "sequence_classification":
         prepared = cls_stage.prepare_data(cfg.data, tokenizer, num_labels=cfg.model.num_labels,
                                           max_seq_len=cfg.train.max_seq_len, batch_size=cfg.train.batch_size,

@@ -376,7 +376,7 @@ def make_sampler(sc, seed: int, params: list[Param]):
 
 
 def _lease_alive(run_dir: str | None) -> bool:
-    from .lease import LEASE, is_stale, timeout_s
+    from ..run.lease import LEASE, is_stale, timeout_s
 
     if not run_dir:
         return False
@@ -388,13 +388,13 @@ def _lease_alive(run_dir: str | None) -> bool:
 
 
 def _worker_alive(t, now: float) -> bool:
-    from .lease import _pid_alive, timeout_s
+    from ..run.lease import pid_alive, timeout_s
 
     a = t.user_attrs
     if _lease_alive(a.get("run_dir")):
         return True
     if a.get("host") == socket.gethostname() and isinstance(a.get("pid"), int):
-        return _pid_alive(a["pid"])
+        return pid_alive(a["pid"])
     # Another host: its run takes the run folder's lease within seconds of the ask.
     return now - t.datetime_start.timestamp() < timeout_s()
 
@@ -454,7 +454,7 @@ def _trained_steps(run_dir: Path, metrics: dict) -> int:
 def _tell(study, trial, status: str, metrics: dict, error: str | None, run_dir: Path, *, reused: bool = False) -> None:
     from optuna.trial import TrialState
 
-    from .pruner import read_curve
+    from ..run.pruner import read_curve
 
     for step, v in sorted(read_curve(run_dir).items()):
         trial.report(v, step)  # the curve: Optuna's plots and TPE (for pruned trials) read it
@@ -533,7 +533,8 @@ def n_trials(sc, params: list[Param]) -> int:
 
 def work(cfg: DictConfig, note: Callable[..., None], job: int = 0, show_progress: bool = False):
     """Ask, run, tell until the study holds search.n_trials trials. Returns the last outcome."""
-    from ..run import pipeline, preempt
+    from ..job import Outcome, run as run_job, run_dir_for
+    from ..run import preempt
     from ..compose import to_run_config
 
     base = to_run_config(cfg)
@@ -566,14 +567,14 @@ def work(cfg: DictConfig, note: Callable[..., None], job: int = 0, show_progress
             from optuna.trial import TrialState
 
             study.tell(trial, state=TrialState.FAIL)
-            last = pipeline.Outcome("(invalid config)", "failed", f"invalid config: {'; '.join(e.problems)}")
+            last = Outcome("(invalid config)", "failed", f"invalid config: {'; '.join(e.problems)}")
             note(last, trial.number, overrides)
             continue
-        run_dir = pipeline.run_dir_for(rc)
+        run_dir = run_dir_for(rc)
         trial.set_user_attr("run_id", run_dir.name)
         trial.set_user_attr("run_dir", str(run_dir))
         try:
-            last = pipeline.run(rc, show_progress=show_progress)
+            last = run_job(rc, show_progress=show_progress)
         except BaseException:
             # Ctrl-C or a crash outside the run's own handling: the trial is asked again on relaunch.
             from optuna.trial import TrialState
@@ -626,10 +627,10 @@ def rerun_command(study, trial) -> str:
     """The command that trains the trial's config again, as a single run in a study of its own."""
     launch = [a for a in study.user_attrs.get("launch_overrides", []) if not a.startswith(("study=", "hydra.mode="))]
     args = launch + ["hydra.mode=RUN", f"study={study.study_name}-best"] + list(trial.user_attrs.get("overrides", []))
-    return "lorasweep " + " ".join(_shell_quote(a) for a in args)
+    return "lorasweep " + " ".join(shell_quote(a) for a in args)
 
 
-def _shell_quote(a: str) -> str:
+def shell_quote(a: str) -> str:
     import shlex
 
     return a if all(ch.isalnum() or ch in "=._-/:+," for ch in a) else shlex.quote(a)

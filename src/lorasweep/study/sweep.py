@@ -144,7 +144,7 @@ class SweepSummary(Callback):
         log.info("%s, launcher %s; results in %s/%s; sweep log in %s", what, launcher, config.results_dir, config.study, d)
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
-        from ..analysis.summary import print_sweep
+        from .summary import print_sweep
 
         global _failed_runs
         outcomes = read_outcomes(_sweep_dir(config))

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from ..run.record import read_record
+from .record import read_record
 
 log = logging.getLogger("lorasweep")
 

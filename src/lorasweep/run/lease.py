@@ -63,7 +63,7 @@ def _read(path: Path) -> dict | None:
         return {}  # being replaced this instant, or torn: treat as a holder we cannot judge yet
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -80,7 +80,7 @@ def is_stale(holder: dict, timeout: float, now: float | None = None) -> bool:
     if not holder:
         return False
     if holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int) \
-            and not _pid_alive(holder["pid"]):
+            and not pid_alive(holder["pid"]):
         return True
     return now - max(float(holder.get("heartbeat", 0)), float(holder.get("touched", 0))) > timeout
 

@@ -110,7 +110,7 @@ class Plan:
 
 
 def _linear_modules(skeleton: torch.nn.Module) -> dict[str, torch.nn.Linear]:
-    from ..run.adapter import linear_module_names
+    from .adapter import linear_module_names
 
     names = set(linear_module_names(skeleton))
     return {n: m for n, m in skeleton.named_modules() if n in names}
@@ -121,7 +121,7 @@ def _matches(name: str, targets: list[str]) -> bool:
 
 
 def _head_names(skeleton: torch.nn.Module, task: str) -> list[str]:
-    from ..run.adapter import HEAD_NAMES
+    from .adapter import HEAD_NAMES
 
     return [h for h in HEAD_NAMES if hasattr(skeleton, h)] if task == "sequence_classification" else []
 
@@ -145,7 +145,7 @@ def plan(cfg: RunConfig, skeleton: torch.nn.Module, device_type: str = "cpu", se
     seq_len: the longest batch the data will make (batches are padded to their longest example);
     None assumes every sequence fills train.max_seq_len. loss_tokens: the most loss tokens one
     example holds (the labelled positions the loss head sees); None assumes every position."""
-    from ..run.adapter import resolve_targets
+    from .adapter import resolve_targets
 
     hf = skeleton.config
     pr, lo, tr = cfg.precision, cfg.lora, cfg.train
@@ -198,7 +198,7 @@ def plan(cfg: RunConfig, skeleton: torch.nn.Module, device_type: str = "cpu", se
     ranks: dict[str, int] = {}
     init_bytes = 0.0
     if lo.method == "lora":
-        from ..run.adapter import lora_modules as adapted
+        from .adapter import lora_modules as adapted
         from ..config import lora_variant, rewrites_base
 
         targets = resolve_targets(lo.targets, skeleton)
@@ -288,7 +288,7 @@ def plan(cfg: RunConfig, skeleton: torch.nn.Module, device_type: str = "cpu", se
     # positions, one chunk of them at a time (loss.py): the smaller of the two counts
     loss_rows = tokens
     if tr.loss_head == "labelled" and vocab:
-        from ..run.loss import chunk_positions
+        from .loss import chunk_positions
 
         labelled = min(tokens, tr.batch_size * loss_tokens) if loss_tokens else tokens
         loss_rows = min(labelled, chunk_positions(vocab))
@@ -377,7 +377,7 @@ def _init_working_bytes(lo, modules: dict, ranks: dict, weight_bytes: float) -> 
 
 def data_seq_len(cfg: RunConfig) -> int | None:
     """The longest example of the run's own data (tokenized without weights), or None if unknown."""
-    from ..run import data as data_stage, model as model_stage
+    from . import data as data_stage, model as model_stage
 
     if cfg.model.task != "causal_lm" or cfg.train.packing:
         return None  # packed batches fill max_seq_len; classifiers size by their own data
@@ -386,7 +386,7 @@ def data_seq_len(cfg: RunConfig) -> int | None:
 
 def data_loss_tokens(cfg: RunConfig) -> int | None:
     """The most loss tokens one example of the run's own data holds, or None if unknown."""
-    from ..run import data as data_stage, model as model_stage
+    from . import data as data_stage, model as model_stage
 
     if cfg.model.task != "causal_lm" or cfg.train.packing:
         return None  # a packed row may be labelled throughout
@@ -395,7 +395,7 @@ def data_loss_tokens(cfg: RunConfig) -> int | None:
 
 def plan_run(cfg: RunConfig, device_type: str | None = None, skeleton=None, seq_len: int | None | str = "data") -> Plan:
     """Build the skeleton (meta device) and plan; the device is the one the run would pick."""
-    from ..run import model as model_stage
+    from . import model as model_stage
 
     if device_type is None:
         device_type = model_stage.pick_device(cfg.train.device).type
