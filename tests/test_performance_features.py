@@ -106,7 +106,7 @@ def test_group_by_length_keeps_every_example_exactly_once(tiny_model):
         e["id"] = i
     b = D.Batches(ex, batch_size=4, pad_id=tok.pad_token_id, shuffle=True, seed=0, group_by_length=True)
     for epoch in (0, 1):
-        order = b._order(epoch)
+        order = b.order(epoch)
         assert sorted(order) == list(range(len(ex)))
         seen = sum(x["input_ids"].shape[0] for x in b.epoch(epoch))
         assert seen == len(ex)

@@ -8,13 +8,34 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.plugins import Plugins
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from . import compose
 from .compose import check_user_config_dirs, conf_dir, to_run_config  # noqa: F401  (the commands' and tests' names)
 from .config import ConfigError
 
 log = logging.getLogger("lorasweep")
+
+
+def _slurm_timeout_min(default, *, _root_):
+    """${lorasweep_timeout_min:DEFAULT} (conf/launcher/slurm.yaml): the time limit the SLURM jobs of a
+    sweep ask for, from the runs' forecasts (plan_cli.sweep_timeout_min); DEFAULT where a run has none
+    yet. A hydra.launcher.timeout_min on the command line replaces it."""
+    try:
+        from .plan_cli import sweep_timeout_min
+
+        got = sweep_timeout_min(_root_)
+    except Exception as e:  # noqa: BLE001 - the limit is advice: never fail a launch over it
+        log.warning("no forecast-based SLURM time limit (%s: %s); timeout_min=%s", type(e).__name__, e, default)
+        return default
+    if got is None:
+        log.info("SLURM time limit: timeout_min=%s (a run of this sweep has no forecast yet)", default)
+        return default
+    log.info("SLURM time limit from the forecast: timeout_min=%d (the longest run x 1.5 + 10 min)", got)
+    return got
+
+
+OmegaConf.register_new_resolver("lorasweep_timeout_min", _slurm_timeout_min, replace=True)
 
 
 def register_schema() -> None:

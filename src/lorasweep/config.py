@@ -209,6 +209,9 @@ class LoggerConfig:
 @dataclass
 class PlannerConfig:
     budget_gb: Optional[float] = None  # skip runs predicted above this peak
+    # forecast the training time before it starts (run/forecast.py): from finished runs like this one,
+    # else a probe of two micro-batches (time/probe_s); false: neither
+    forecast: bool = True
 
 
 @dataclass

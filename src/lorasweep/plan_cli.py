@@ -1,7 +1,11 @@
-"""`lorasweep-plan <overrides>`: predicted peak memory of a run (or `-m` a grid) before launching.
+"""`lorasweep-plan <overrides>`: predicted peak memory and time of a run, a grid (`-m`) or a study
+(`sweep=NAME`), before launching.
 
 Composes the same Hydra config as `lorasweep`, builds the model skeleton on the meta device
-(no weights) and prints the breakdown. `-m lora.r=8,64 precision=fp32,nf4` plans every combination.
+(no weights) and prints the breakdown; the time forecast reads the run's data with its tokenizer and
+takes its throughput from finished runs like it in the results folder (run/forecast.py). Then the
+totals: wall time run after run, device-hours, runs over planner.budget_gb, and on launcher=slurm
+the timeout_min to ask for.
 """
 from __future__ import annotations
 
@@ -10,7 +14,7 @@ import itertools
 import os
 import sys
 
-from .config import ConfigError, validate
+from .config import ConfigError, validate, world_size
 
 
 def compose_run_config(overrides: list[str]):
@@ -26,6 +30,61 @@ def compose_run_config(overrides: list[str]):
     rc = to_run_config(cfg)
     validate(rc)
     return rc
+
+
+def sweep_timeout_min(root) -> int | None:
+    """launcher=slurm's timeout_min from the forecasts of the sweep it launches (root: the launching
+    process's config): the longest run's forecast x 1.5 + 10 min, or None when a run has no forecast
+    (no finished run like it yet: the launcher's default stands)."""
+    from hydra import compose
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from .compose import to_run_config
+    from .run.forecast import plan_forecast, slurm_timeout_min
+
+    hc = root.hydra
+    params = dict(hc.sweeper.get("params") or {})
+    args = [f"{k}={v}" for k, v in params.items()] + list(hc.overrides.task)
+    parsed = OverridesParser.create(config_loader=GlobalHydra.instance().config_loader()).parse_overrides(args)
+    jobs = [list(j) for batch in BasicSweeper.split_arguments(parsed, None) for j in batch]
+    device = "cuda" if hc.launcher.get("gpus_per_node") else "cpu"
+    worst = 0.0
+    for job in jobs:
+        rc = to_run_config(compose(config_name=hc.job.config_name, overrides=job))
+        fc = plan_forecast(rc, device, loose=True)
+        if fc is None or fc.train_s is None:
+            return None
+        worst = max(worst, fc.train_s + (fc.eval_s or 0.0))
+    return slurm_timeout_min(worst)
+
+
+def sweep_jobs(overrides: list[str]) -> list[list[str]]:
+    """Every job a `lorasweep -m ...` (or a study file's hydra.sweeper.params) would launch, as override
+    lists: Hydra's own basic-sweeper expansion of the study's axes and the command line's lists."""
+    from hydra import compose, initialize_config_dir
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from .cli import conf_dir, register_schema
+
+    register_schema()
+    GlobalHydra.instance().clear()
+    plain = [o for o in overrides if not _is_list(o)]
+    with initialize_config_dir(config_dir=conf_dir(), version_base=None):
+        cfg = compose(config_name="config", overrides=plain, return_hydra_config=True)
+        params = dict(cfg.hydra.sweeper.get("params") or {})
+        given = {o.partition("=")[0].lstrip("+~") for o in overrides}
+        args = [f"{k}={v}" for k, v in params.items() if k not in given] + list(overrides)
+        parsed = OverridesParser.create(config_loader=GlobalHydra.instance().config_loader()).parse_overrides(args)
+        return [list(job) for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
+
+
+def _is_list(o: str) -> bool:
+    key, sep, val = o.partition("=")
+    return bool(sep) and "," in val and not val.lstrip().startswith(("[", "{"))
 
 
 def expand(overrides: list[str]) -> list[list[str]]:
@@ -48,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--config-dir", "-cd", action="append", default=[], metavar="DIR",
                     help="also search DIR for config groups (like lorasweep's --config-dir; "
                          "LORASWEEP_CONFIG_DIR works too)")
+    ap.add_argument("--no-time", action="store_true", help="memory only: no time forecast (it reads the data)")
     ap.add_argument("overrides", nargs="*")
     a = ap.parse_args(argv)
     from .compose import USER_DIRS_ENV, check_user_config_dirs
@@ -62,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     from .config import resolve, run_id
     from .run.planner import plan_run
 
-    grids = expand(a.overrides) if a.multirun else [a.overrides]
+    study = any(o.startswith("sweep=") for o in a.overrides)
+    grids = sweep_jobs(a.overrides) if a.multirun or study else [a.overrides]
     status = 0
     summary = []
     for ovr in grids:
@@ -91,13 +152,57 @@ def main(argv: list[str] | None = None) -> int:
         rid = run_id(resolve(rc, p.device))  # the id the run gets on that device
         print(f"{rid}  [{p.device}]{fits}")
         print(p.table())
+        fc = None if a.no_time else _time_forecast(rc, p.device)
+        if fc is not None:
+            print(f"  {'predicted training time':<40s} " + (f"{fc.train_s:8.1f} s" if fc.train_s is not None else
+                                                           "       ? (no finished run like it here yet)")
+                  + f"   ({fc.train_flops / 1e12:.3g} TFLOP"
+                  + (f" at {fc.throughput.flops_per_s / 1e12:.3g} TFLOP/s from {fc.throughput.detail})" if fc.throughput else ")"))
+            if fc.eval_s is not None:
+                print(f"  {'predicted validation time':<40s} {fc.eval_s:8.1f} s")
         print()
-        summary.append((rid, p.peak_gb))
-    if len(summary) > 1:
-        print("predicted peaks:")
-        for rid, gb in summary:
-            print(f"  {gb:8.3f} GB  {rid}")
+        over = budget is not None and p.device_gb > budget
+        summary.append((rid, p.peak_gb, fc, over, world_size(rc.train), None))
+    if len(summary) > 1 or (summary and summary[0][2] is not None):
+        _totals(summary, launcher_slurm=any(o.startswith("launcher=slurm") for o in a.overrides))
     return status
+
+
+def _time_forecast(rc, device: str):
+    from .run.forecast import plan_forecast
+
+    try:
+        return plan_forecast(rc, device)
+    except Exception as e:  # noqa: BLE001 - a time forecast must never stop the memory plan
+        print(f"  (no time forecast: {type(e).__name__}: {e})".splitlines()[0])
+        return None
+
+
+def _totals(summary, launcher_slurm: bool) -> None:
+    from .run.forecast import slurm_timeout_min
+
+    print("per run: predicted peak, training + validation time")
+    known = []
+    for rid, gb, fc, over, world, _ in summary:
+        secs = (fc.train_s + (fc.eval_s or 0.0)) if fc is not None and fc.train_s is not None else None
+        print(f"  {gb:8.3f} GB  " + (f"{secs:9.1f} s" if secs is not None else "        ? s") + f"  {rid}"
+              + ("  OVER planner.budget_gb: skipped" if over else ""))
+        if secs is not None and not over:
+            known.append((secs, world))
+    runs = [s for s in summary if not s[3]]
+    if known:
+        total = sum(s for s, _ in known)
+        hours = sum(s * w for s, w in known) / 3600
+        missing = len(runs) - len(known)
+        wall = f"{total:.0f} s" if total < 600 else f"{total / 60:.1f} min"
+        print(f"sweep: {len(runs)} runs to train, {wall} run after run, {hours:.3f} device-hours"
+              + (f" (+ {missing} run(s) with no forecast yet)" if missing else ""))
+        if launcher_slurm:
+            print(f"launcher=slurm: timeout_min={slurm_timeout_min(max(s for s, _ in known))} per job "
+                  f"(the longest run's forecast x 1.5 + 10 min; a run that overruns is checkpointed and requeued)")
+    over = [s[0] for s in summary if s[3]]
+    if over:
+        print(f"over planner.budget_gb ({len(over)}): {', '.join(over)}")
 
 
 if __name__ == "__main__":

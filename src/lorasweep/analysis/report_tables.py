@@ -183,6 +183,23 @@ def diff_table(df: pd.DataFrame, baseline: str | dict | None = None) -> str | No
     return f"Baseline arm: {base}.\n\n" + _md_table(["arm"] + [HEADERS.get(k, k) for k in keys], rows)
 
 
+def forecast_table(df: pd.DataFrame) -> str | None:
+    """Each completed run's training-time forecast (plan/train_s, made before it trained) against its
+    measured time/train_s, and the sweep's total, or None where no run has a forecast."""
+    if "plan/train_s" not in df.columns or "time/train_s" not in df.columns:
+        return None
+    done = df[(df["status"] == "completed") & df["plan/train_s"].notna() & df["time/train_s"].notna()]
+    if done.empty:
+        return None
+    rows = []
+    for _, r in done.iterrows():
+        f, m = float(r["plan/train_s"]), float(r["time/train_s"])
+        rows.append([str(r["label"]), f"{f:.1f}", f"{m:.1f}", f"{100 * (f - m) / m:+.0f}%"])
+    tf, tm = float(done["plan/train_s"].sum()), float(done["time/train_s"].sum())
+    rows.append(["**all runs**", f"{tf:.1f}", f"{tm:.1f}", f"{100 * (tf - tm) / tm:+.0f}%"])
+    return _md_table(["run", "forecast s", "measured s", "error"], rows)
+
+
 def summary_markdown(df: pd.DataFrame, baseline: str | dict | None = None, plots: list[str] = ()) -> str:
     ref = df.attrs.get("reference") or {}
     n = df["status"].value_counts().to_dict()
@@ -205,6 +222,9 @@ def summary_markdown(df: pd.DataFrame, baseline: str | dict | None = None, plots
     if st:
         lines += ["## Every run", ""]
     lines += [summary_table(df, baseline), ""]
+    ft = forecast_table(df)
+    if ft:
+        lines += ["## Training time: forecast (before the run) vs measured", "", ft, ""]
     mem = memory_key(df)
     notes = []
     if mem == "mem/peak_rss_gb":

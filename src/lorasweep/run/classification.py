@@ -216,7 +216,7 @@ class ClassBatches(Batches):
     """Batches with the classification collator (same order, shuffling and length grouping)."""
 
     def epoch(self, epoch: int = 0) -> Iterator[dict]:
-        order = self._order(epoch)
+        order = self.order(epoch)
         for s in range(0, len(order), self.batch_size):
             yield collate([self.examples[i] for i in order[s:s + self.batch_size]], self.pad_id)
 

@@ -201,7 +201,8 @@ class Batches:
     def __len__(self) -> int:
         return math.ceil(len(self.examples) / self.batch_size)
 
-    def _order(self, epoch: int) -> list[int]:
+    def order(self, epoch: int) -> list[int]:
+        """The examples' order in ``epoch`` (its own seeded generator: no global RNG drawn)."""
         idx = list(range(len(self.examples)))
         if not self.shuffle:
             return idx
@@ -218,7 +219,7 @@ class Batches:
         return idx
 
     def epoch(self, epoch: int = 0) -> Iterator[dict]:
-        order = self._order(epoch)
+        order = self.order(epoch)
         for s in range(0, len(order), self.batch_size):
             yield collate([self.examples[i] for i in order[s:s + self.batch_size]], self.pad_id)
 

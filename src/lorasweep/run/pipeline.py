@@ -30,6 +30,7 @@ from . import classification as cls_stage
 from . import compiling
 from . import data as data_stage
 from . import evaluate as eval_stage
+from . import forecast
 from . import model as model_stage
 from . import train as train_stage
 from ..config import DataConfig, RunConfig, exact_base_at_start, run_id as make_run_id, to_dict
@@ -374,6 +375,15 @@ def train_run(cfg: RunConfig, rid: str, run_dir: Path, lease, show_progress: boo
             mem.start("eval_base")
             metrics.update(base_scores(cfg, model, loaded.tokenizer, include_path, run_dir, device, show_progress,
                                         autocast))
+        if cfg.model.task == "causal_lm" and steps > 0 and cfg.planner.forecast:
+            mem.start("probe")
+            fc = forecast.measure(forecast.forecast_run(cfg, model_stage.build_skeleton(cfg.model), prepared, steps,
+                                                        device), cfg, rid, model, prepared, device, autocast)
+            metrics.update(fc.metrics())
+            record.data["forecast"] = fc.record()
+            if fc.train_s is not None:
+                log.info("forecast: training %.1f s, validation %.1f s (%.3g TFLOP at %.3g TFLOP/s; %s)", fc.train_s,
+                         fc.eval_s or 0.0, fc.train_flops / 1e12, fc.throughput.flops_per_s / 1e12, fc.throughput.detail)
         watch = None  # train.eval_every: a validation curve, and the pruner's verdict at each point
         if cfg.train.eval_every:
             periodic = cls_stage.evaluate if classify else eval_stage.validation_loss

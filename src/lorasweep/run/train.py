@@ -146,7 +146,7 @@ class TrainResult:
         return m
 
 
-def _autocast(device: torch.device, dtype: torch.dtype | None):
+def autocast_context(device: torch.device, dtype: torch.dtype | None):
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
@@ -228,12 +228,12 @@ def train(model: torch.nn.Module, train: Batches, oc: OptimizerConfig, tc: Train
             inputs = {k: (rows[k].pin_memory() if device.type == "cuda" else rows[k]).to(device, non_blocking=True)
                       for k in MODEL_INPUTS if k in rows}
             if shard is None:
-                with _autocast(device, autocast_dtype):
+                with autocast_context(device, autocast_dtype):
                     loss = batch_loss_sum(model, inputs, tc.loss_head) / max(step_items, 1)
                 scaler.scale(loss).backward()
             else:  # gradients all-reduced (averaged) on the step's last micro-batch only
                 with shard.sync(last=i == len(chunk) - 1):
-                    with _autocast(device, autocast_dtype):
+                    with autocast_context(device, autocast_dtype):
                         loss = shard.loss_sum(inputs, rows, tc.loss_head) / max(step_items, 1)
                     scaler.scale(loss * shard.world).backward()  # DDP's mean over ranks undoes the x world
             step_loss += loss.detach().float()  # this rank's part of the step's token mean
