@@ -19,10 +19,10 @@ log = logging.getLogger("lorasweep")
 
 def _slurm_timeout_min(default, *, _root_):
     """${lorasweep_timeout_min:DEFAULT} (conf/launcher/slurm.yaml): the time limit the SLURM jobs of a
-    sweep ask for, from the runs' forecasts (plan_cli.sweep_timeout_min); DEFAULT where a run has none
+    sweep ask for, from the runs' forecasts (study/sweep.py); DEFAULT where a run has none
     yet. A hydra.launcher.timeout_min on the command line replaces it."""
     try:
-        from .plan_cli import sweep_timeout_min
+        from .study.sweep import sweep_timeout_min
 
         got = sweep_timeout_min(_root_)
     except Exception as e:  # noqa: BLE001 - the limit is advice: never fail a launch over it

@@ -32,61 +32,6 @@ def compose_run_config(overrides: list[str]):
     return rc
 
 
-def sweep_timeout_min(root) -> int | None:
-    """launcher=slurm's timeout_min from the forecasts of the sweep it launches (root: the launching
-    process's config): the longest run's forecast x 1.5 + 10 min, or None when a run has no forecast
-    (no finished run like it yet: the launcher's default stands)."""
-    from hydra import compose
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    from .compose import to_run_config
-    from .run.forecast import plan_forecast, slurm_timeout_min
-
-    hc = root.hydra
-    params = dict(hc.sweeper.get("params") or {})
-    args = [f"{k}={v}" for k, v in params.items()] + list(hc.overrides.task)
-    parsed = OverridesParser.create(config_loader=GlobalHydra.instance().config_loader()).parse_overrides(args)
-    jobs = [list(j) for batch in BasicSweeper.split_arguments(parsed, None) for j in batch]
-    device = "cuda" if hc.launcher.get("gpus_per_node") else "cpu"
-    worst = 0.0
-    for job in jobs:
-        rc = to_run_config(compose(config_name=hc.job.config_name, overrides=job))
-        fc = plan_forecast(rc, device, loose=True)
-        if fc is None or fc.train_s is None:
-            return None
-        worst = max(worst, fc.train_s + (fc.eval_s or 0.0))
-    return slurm_timeout_min(worst)
-
-
-def sweep_jobs(overrides: list[str]) -> list[list[str]]:
-    """Every job a `lorasweep -m ...` (or a study file's hydra.sweeper.params) would launch, as override
-    lists: Hydra's own basic-sweeper expansion of the study's axes and the command line's lists."""
-    from hydra import compose, initialize_config_dir
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    from .cli import conf_dir, register_schema
-
-    register_schema()
-    GlobalHydra.instance().clear()
-    plain = [o for o in overrides if not _is_list(o)]
-    with initialize_config_dir(config_dir=conf_dir(), version_base=None):
-        cfg = compose(config_name="config", overrides=plain, return_hydra_config=True)
-        params = dict(cfg.hydra.sweeper.get("params") or {})
-        given = {o.partition("=")[0].lstrip("+~") for o in overrides}
-        args = [f"{k}={v}" for k, v in params.items() if k not in given] + list(overrides)
-        parsed = OverridesParser.create(config_loader=GlobalHydra.instance().config_loader()).parse_overrides(args)
-        return [list(job) for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
-
-
-def _is_list(o: str) -> bool:
-    key, sep, val = o.partition("=")
-    return bool(sep) and "," in val and not val.lstrip().startswith(("[", "{"))
-
-
 def expand(overrides: list[str]) -> list[list[str]]:
     """key=a,b,c -> one override list per combination (simple comma lists; brackets kept whole)."""
     axes = []
@@ -121,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from .config import resolve, run_id
     from .run.planner import plan_run
+
+    from .study.sweep import sweep_jobs
 
     study = any(o.startswith("sweep=") for o in a.overrides)
     grids = sweep_jobs(a.overrides) if a.multirun or study else [a.overrides]
@@ -181,7 +128,7 @@ def _time_forecast(rc, device: str):
 def _totals(summary, launcher_slurm: bool) -> None:
     from .run.forecast import slurm_timeout_min
 
-    print("per run: predicted peak, training + validation time")
+    print("predicted peaks: memory, then training + validation time")
     known = []
     for rid, gb, fc, over, world, _ in summary:
         secs = (fc.train_s + (fc.eval_s or 0.0)) if fc is not None and fc.train_s is not None else None

@@ -229,3 +229,61 @@ def read_outcomes(sweep_dir: Path) -> list[dict]:
         return []
     rows = [json.loads(l) for l in p.read_text().splitlines() if l.strip()]
     return sorted(rows, key=lambda r: (r.get("trial", -1), r.get("job", 0)))  # a search: in trial order
+
+
+# ----------------------------------------------------------------------------- forecasts of a whole sweep
+
+def sweep_timeout_min(root) -> int | None:
+    """launcher=slurm's timeout_min from the forecasts of the sweep it launches (root: the launching
+    process's config): the longest run's forecast x 1.5 + 10 min, or None when a run has no forecast
+    (no finished run like it yet: the launcher's default stands)."""
+    from hydra import compose
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from ..compose import to_run_config
+    from ..run.forecast import plan_forecast, slurm_timeout_min
+
+    hc = root.hydra
+    params = dict(hc.sweeper.get("params") or {})
+    args = [f"{k}={v}" for k, v in params.items()] + list(hc.overrides.task)
+    parsed = OverridesParser.create(config_loader=GlobalHydra.instance().config_loader()).parse_overrides(args)
+    jobs = [list(j) for batch in BasicSweeper.split_arguments(parsed, None) for j in batch]
+    device = "cuda" if hc.launcher.get("gpus_per_node") else "cpu"
+    worst = 0.0
+    for job in jobs:
+        rc = to_run_config(compose(config_name=hc.job.config_name, overrides=job))
+        fc = plan_forecast(rc, device, loose=True)
+        if fc is None or fc.train_s is None:
+            return None
+        worst = max(worst, fc.train_s + (fc.eval_s or 0.0))
+    return slurm_timeout_min(worst)
+
+
+def sweep_jobs(overrides: list[str]) -> list[list[str]]:
+    """Every job a `lorasweep -m ...` (or a study file's hydra.sweeper.params) would launch, as override
+    lists: Hydra's own basic-sweeper expansion of the study's axes and the command line's lists."""
+    from hydra import compose, initialize_config_dir
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from ..compose import conf_dir, register_schema
+
+    register_schema()
+    GlobalHydra.instance().clear()
+    plain = [o for o in overrides if not is_list(o)]
+    with initialize_config_dir(config_dir=conf_dir(), version_base=None):
+        cfg = compose(config_name="config", overrides=plain, return_hydra_config=True)
+        params = dict(cfg.hydra.sweeper.get("params") or {})
+        given = {o.partition("=")[0].lstrip("+~") for o in overrides}
+        args = [f"{k}={v}" for k, v in params.items() if k not in given] + list(overrides)
+        parsed = OverridesParser.create(config_loader=GlobalHydra.instance().config_loader()).parse_overrides(args)
+        return [list(job) for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
+
+
+def is_list(o: str) -> bool:
+    """key=a,b,c: a sweep list (brackets and braces are one value)."""
+    key, sep, val = o.partition("=")
+    return bool(sep) and "," in val and not val.lstrip().startswith(("[", "{"))
