@@ -265,3 +265,12 @@ def test_the_sweep_summary_says_why_each_run_was_skipped(tmp_path):
     assert "already completed" not in p.stdout
     p = lorasweep(*args, cwd=tmp_path)
     assert "skipped (already completed; rerun=true to redo): " in p.stdout and "planner.budget_gb" not in p.stdout
+
+
+def test_a_command_line_value_that_replaces_a_studys_axis_is_announced(tmp_path):
+    """The README's old QLoRA command: precision=bf16_true replaced qlora_vs_lora's precision axis."""
+    p = lorasweep("sweep=qlora_vs_lora", "precision=bf16_true", "model=tiny_llama", "--cfg", "job", cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert "precision=bf16_true replaces the study's precision sweep fp32,nf4,nf4_dq,fp4" in p.stderr, p.stderr
+    kept = lorasweep("sweep=qlora_vs_lora", "precision=bf16_true,nf4", "model=tiny_llama", "--cfg", "job", cwd=tmp_path)
+    assert "replaces the study's" not in kept.stderr

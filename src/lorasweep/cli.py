@@ -150,6 +150,10 @@ def main() -> None:
     if problem:
         print(f"lorasweep: {problem}", file=sys.stderr)
         sys.exit(2)
+    from .study.sweep import replaced_axes
+
+    for line in replaced_axes(sys.argv[1:]):  # before the sweep's first line: what the user asked is not run
+        print(f"lorasweep: {line}", file=sys.stderr)
     register_schema()
     app = hydra.main(version_base=None, config_path=conf_dir(), config_name="config")(task)
     app()

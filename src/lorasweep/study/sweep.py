@@ -287,3 +287,37 @@ def is_list(o: str) -> bool:
     """key=a,b,c: a sweep list (brackets and braces are one value)."""
     key, sep, val = o.partition("=")
     return bool(sep) and "," in val and not val.lstrip().startswith(("[", "{"))
+
+
+def replaced_axes(overrides: list[str]) -> list[str]:
+    """One line per single command-line value that replaces an axis the study file sweeps (a key of
+    its hydra.sweeper.params): Hydra lets the command line win, so `sweep=qlora_vs_lora
+    precision=bf16_true` trains bf16 only. A value list (`precision=bf16_true,nf4`) keeps a sweep."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from ..compose import conf_dir, register_schema
+
+    if not any(o.startswith("sweep=") for o in overrides):
+        return []
+    register_schema()
+    GlobalHydra.instance().clear()
+    plain = [o for o in overrides if "=" in o and not o.startswith("-") and not is_list(o)]
+    try:
+        with initialize_config_dir(config_dir=conf_dir(), version_base=None):
+            cfg = compose(config_name="config", overrides=[o for o in plain if not o.startswith("hydra/")],
+                          return_hydra_config=True)
+            params = {str(k): str(v) for k, v in (cfg.hydra.sweeper.get("params") or {}).items()}
+    except Exception:  # noqa: BLE001 - Hydra itself reports a bad override, with its own message
+        return []
+    finally:
+        GlobalHydra.instance().clear()
+    study = next(o.partition("=")[2] for o in overrides if o.startswith("sweep="))
+    out = []
+    for o in plain:
+        key, _, value = o.partition("=")
+        key = key.lstrip("+~")
+        if key in params:
+            out.append(f"{key}={value} replaces the study's {key} sweep {params[key]} (sweep={study}): "
+                       f"every run takes {key}={value}; give a list to keep a sweep, e.g. '{key}={value},...'")
+    return out
