@@ -170,9 +170,13 @@ def main() -> None:
              r["useful_tokens_per_s"] / ref if ref else math.nan] for n, r in results.items()]
     print(U.table(rows, ["contender", f"useful tok/{unit}", "tok/step", f"{unit}/step", "mean loss", "x trainer"]))
     if ref:
-        best = max((n for n in results if n.startswith("harness")), key=lambda n: results[n]["useful_tokens_per_s"])
-        r = results[best]["useful_tokens_per_s"] / ref
-        print(f"best harness ({best}) / HF Trainer = {r:.2f}x  (goal >= 1.5x: {'met' if r >= 1.5 else 'MISSED'})")
+        # Best against best: our best option over the Trainer's best option (its group_by_length when
+        # run), the comparison a reader can act on; our best over the Trainer's default comes second.
+        ours = max((n for n in results if n.startswith("harness")), key=lambda n: results[n]["useful_tokens_per_s"])
+        theirs = max((n for n in results if n.startswith("trainer")), key=lambda n: results[n]["useful_tokens_per_s"])
+        r = results[ours]["useful_tokens_per_s"] / results[theirs]["useful_tokens_per_s"]
+        print(f"best against best: {ours} / {theirs} = {r:.2f}x useful tokens/{unit}")
+        print(f"  (against the Trainer's default: {results[ours]['useful_tokens_per_s'] / ref:.2f}x)")
     if a.json:
         Path(a.json).write_text(json.dumps({"args": vars(a), "results": results}, indent=2) + "\n")
 
