@@ -125,9 +125,32 @@ def test_verdict_opposite(tmp_path):
     assert verdict(tmp_path, [1.0, 1.1, 1.2], [2.0, 2.1, 2.2], LESS).verdict == "opposite"
 
 
-def test_verdict_inconclusive_when_interval_crosses_zero(tmp_path):
+def test_verdict_underpowered_when_the_design_cannot_see_the_difference(tmp_path):
+    """The interval crosses zero because 3 seeds could not have told: the minimum detectable effect
+    (95% confidence, 80% power) is larger than the difference seen; the line says how many seeds would."""
+    from lorasweep.analysis.report_stats import mde, seeds_needed, t_interval
+
     v = verdict(tmp_path, [1.0, 2.0, 3.0], [1.5, 2.5, 1.0], LESS)
-    assert v.verdict == "inconclusive" and "diff" in v.summary
+    assert v.verdict == "underpowered" and "diff" in v.summary and "(paired t)" in v.summary
+    sd = t_interval([0.5, 0.5, -2.0]).std  # the per-seed differences nf4 - fp32
+    assert f"mde {mde(sd, 3, paired=True):.4g} (paired t)" in v.summary
+    assert f"needs ~{seeds_needed(1 / 3, sd, paired=True)} seeds per arm" in v.summary
+
+
+def test_verdict_inconclusive_only_when_the_design_could_have_told(tmp_path):
+    """A tight design (mde well below the margin) whose interval still straddles the margin."""
+    claim = {**LESS, "margin": 0.1}
+    v = verdict(tmp_path, [2.0, 2.0, 2.0], [1.90, 1.89, 1.91], claim)
+    assert v.verdict == "inconclusive" and "margin 0.1" in v.summary and "(paired t)" in v.summary
+
+
+def test_arms_that_share_no_seeds_are_compared_by_welch(tmp_path):
+    from lorasweep.analysis.report import evaluate_claims, load_study
+
+    runs = [({"precision": {"name": "fp32"}, "seed": s}, {"val/loss": v}) for s, v in zip((0, 1, 2), (2.0, 2.1, 2.2))]
+    runs += [({"precision": {"name": "nf4"}, "seed": s}, {"val/loss": v}) for s, v in zip((5, 6, 7), (1.0, 1.1, 1.2))]
+    (v,) = evaluate_claims(load_study(write_study(tmp_path, runs, {"claims": [LESS]}, "w")))
+    assert v.verdict == "reproduced" and "(Welch)" in v.summary and "mde " in v.summary
 
 
 def test_verdict_inconclusive_with_one_run(tmp_path):
@@ -145,7 +168,7 @@ def test_verdict_equivalence(tmp_path):
     same = {"metric": "val/loss", "compare": "precision=nf4 ~ precision=fp32", "margin": 0.1}
     assert verdict(tmp_path, [2.0, 2.01, 2.02], [2.0, 2.02, 2.01], same).verdict == "reproduced"
     assert verdict(tmp_path, [2.0, 2.01, 2.02], [3.0, 3.02, 3.01], same).verdict == "not reproduced"
-    assert verdict(tmp_path, [2.0, 2.5, 1.5], [2.0, 2.02, 2.01], same).verdict == "inconclusive"
+    assert verdict(tmp_path, [2.0, 2.5, 1.5], [2.0, 2.02, 2.01], same).verdict == "underpowered"
 
 
 def test_verdict_unmeasured_metric_or_unknown_arm(tmp_path):
@@ -160,7 +183,7 @@ def test_verdict_against_a_number_is_a_one_sample_interval(tmp_path):
     ref = stats.ttest_1samp([-0.10, -0.12, -0.08], 0.0).confidence_interval(0.95)
     assert v.verdict == "reproduced" and "vs 0:" in v.summary
     assert f"[{ref.low:.4g}, {ref.high:.4g}]" in v.summary
-    assert verdict(tmp_path, [0, 0, 0], [-0.1, 0.1, 0.05], below, metric="eval_delta/t/acc").verdict == "inconclusive"
+    assert verdict(tmp_path, [0, 0, 0], [-0.1, 0.1, 0.05], below, metric="eval_delta/t/acc").verdict == "underpowered"
     assert verdict(tmp_path, [0, 0, 0], [0.1, 0.12, 0.08], below, metric="eval_delta/t/acc").verdict == "opposite"
 
 

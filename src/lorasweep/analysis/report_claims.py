@@ -17,10 +17,12 @@ either value (the CPU and the GPU baseline). `per: r` makes the comparison withi
 each value of r. `metric: memory` is the GPU peak allocated where measured, else the peak RSS.
 `margin` (metric units, or `5%` of B's mean) is the smallest difference that counts; default 0.
 
-Verdicts, from the interval of mean(A) - mean(B) (Welch, 95%), for "A < B" with margin m:
-reproduced (interval below -m), opposite (above 0), not reproduced (the claimed effect of more
-than m is ruled out: interval above -m), inconclusive (the interval spans -m; with m = 0: it
-crosses zero, or an arm has a single run). "A ~ B": reproduced when the interval lies inside
+Verdicts, from the 95% interval of mean(A) - mean(B) (paired t on the per-seed differences where
+the arms share their seeds, else Welch), for "A < B" with margin m: reproduced (interval below -m),
+opposite (above 0), not reproduced (the claimed effect of more than m is ruled out: interval above
+-m), underpowered (the interval spans -m and the design's minimum detectable effect, 80% power, is
+larger than m, or with m = 0 than the difference seen), inconclusive (it spans -m though the design
+was powered, or an arm has a single run). Every line states the mde and the test. "A ~ B": reproduced when the interval lies inside
 (-m, m), not reproduced when it lies outside. A claim made of several comparisons (`best`, `per`)
 is reproduced when every comparison is, opposite when any is, not reproduced when any is,
 inconclusive otherwise.
@@ -35,9 +37,10 @@ import pandas as pd
 
 from ..claims import Claim, ReportError, margin_value, parse_claims  # noqa: F401  (parse_claims: re-exported)
 from .report_data import memory_key, num
-from .report_stats import INTERVAL_NAME, arm_labels, std_interval, t_interval, welch_interval
+from .report_stats import (INTERVAL_NAME, arm_labels, mde, paired_interval, paired_seeds, pooled_sd, seeds_needed,
+                           std_interval, t_interval, welch_interval)
 
-VERDICTS = ("reproduced", "not reproduced", "opposite", "inconclusive")
+VERDICTS = ("reproduced", "not reproduced", "opposite", "underpowered", "inconclusive")
 
 
 @dataclass
@@ -144,6 +147,8 @@ def combine(verdicts: list[str]) -> str:
     for v in ("opposite", "not reproduced"):
         if v in verdicts:
             return v
+    if "underpowered" in verdicts and all(v in ("reproduced", "underpowered") for v in verdicts):
+        return "underpowered"
     return "inconclusive"
 
 
@@ -156,8 +161,19 @@ def _lower_is_better(claim: Claim, metric: str) -> bool:
 def _compare(a: pd.DataFrame, b: pd.DataFrame | float, metric: str, claim: Claim, op: str, label_a: str,
              label_b: str):
     constant = not isinstance(b, pd.DataFrame)
-    # against a number: a one-sample t-interval (Welch with a zero-spread B has A's n - 1 dof)
-    d = welch_interval(a[metric], [float(b)] * 2 if constant else b[metric])
+    pairs = None if constant else paired_seeds(a, b, metric)
+    if pairs is not None:  # arms that share seeds: the per-seed differences (paired t)
+        d, test = paired_interval(*pairs), "paired t"
+        spread = t_interval([x - y for x, y in zip(*pairs)]).std
+        power = mde(spread, len(pairs[0]), paired=True)
+    elif constant:  # against a number: a one-sample t-interval (Welch with a zero-spread B has A's n - 1 dof)
+        d, test = welch_interval(a[metric], [float(b)] * 2), "one-sample t"
+        spread = t_interval(a[metric]).std
+        power = mde(spread, d.n_a)
+    else:
+        d, test = welch_interval(a[metric], b[metric]), "Welch"
+        spread = pooled_sd(a[metric], b[metric])
+        power = mde(spread, d.n_a, d.n_b)
     ea = t_interval(a[metric])
     m = _abs_margin(claim.margin, d.mean_b)
     ratio = f", {d.mean_a / d.mean_b:.2f}x" if d.mean_b not in (0,) and not math.isnan(d.mean_b) else ""
@@ -170,9 +186,17 @@ def _compare(a: pd.DataFrame, b: pd.DataFrame | float, metric: str, claim: Claim
             f"diff {_fmt(d.diff)} [{_fmt(d.low)}, {_fmt(d.high)}]{ratio}")
     if m:
         nums += f", margin {_fmt(m)}"
+    nums += f", mde {_fmt(power)} ({test})"
     if not d.known:
         return "inconclusive", nums + " (an arm has one run: no interval; run more seeds)"
     v = _equivalent(d.low, d.high, m) if op == "~" else _directional(d.low, d.high, op == "<", m)
+    # Inconclusive because the design could not have told: the smallest effect it detects (80% power)
+    # is larger than the one the claim needs (its margin, else the difference seen).
+    aim = m if m else abs(d.diff)
+    if v == "inconclusive" and not math.isnan(power) and power > aim:
+        need = seeds_needed(aim, spread, test == "paired t")
+        v = "underpowered"
+        nums += f" (detecting {_fmt(aim)} needs ~{need} seeds per arm)" if need else ""
     return v, nums
 
 

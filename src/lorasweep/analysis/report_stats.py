@@ -175,3 +175,67 @@ def arm_stats(df: pd.DataFrame, baseline: str | dict | None = None) -> pd.DataFr
             rows.append(row)
     cols = ["arm", "metric", "n", "mean", "std", "ci_low", "ci_high", "baseline_arm", "diff", "diff_low", "diff_high"]
     return pd.DataFrame(rows, columns=cols)
+
+
+# ----------------------------------------------------------------------------- pairing and power
+
+POWER = 0.80  # the chance a design detects an effect of its minimum detectable size (with CONFIDENCE)
+
+
+def paired_seeds(a: pd.DataFrame, b: pd.DataFrame, metric: str) -> tuple[list[float], list[float]] | None:
+    """The two arms' values by shared seed, when they pair: the same seeds on both sides, each once
+    (same data order and initialisation, so the per-seed difference removes the seed's own effect);
+    None otherwise (Welch)."""
+    if "seed" not in a.columns or "seed" not in b.columns:
+        return None
+    sa, sb = a["seed"].map(num), b["seed"].map(num)
+    if sa.duplicated().any() or sb.duplicated().any() or set(sa) != set(sb) or len(sa) < 2:
+        return None
+    xa = dict(zip(sa, pd.to_numeric(a[metric], errors="coerce")))
+    xb = dict(zip(sb, pd.to_numeric(b[metric], errors="coerce")))
+    keys = [k for k in xa if not (math.isnan(xa[k]) or math.isnan(xb[k]))]
+    return ([xa[k] for k in keys], [xb[k] for k in keys]) if len(keys) >= 2 else None
+
+
+def paired_interval(a: list[float], b: list[float], confidence: float = CONFIDENCE) -> Difference:
+    """mean(a - b) over the shared seeds with its paired t-interval."""
+    d = t_interval([x - y for x, y in zip(a, b)], confidence)
+    ea, eb = t_interval(a), t_interval(b)
+    return Difference(d.mean, d.low, d.high, ea.n, eb.n, ea.mean, eb.mean)
+
+
+def mde(sd: float, n_a: int, n_b: int | None = None, paired: bool = False) -> float:
+    """Minimum detectable effect: the smallest true difference this design finds with POWER at
+    CONFIDENCE (two-sided), in the metric's units. ``sd``: the per-seed differences' spread (paired,
+    or one arm against a number: n_b None) or the pooled spread of the two arms (unpaired)."""
+    from statsmodels.stats.power import TTestIndPower, TTestPower
+
+    alpha = 1 - CONFIDENCE
+    if math.isnan(sd) or n_a < 2 or (n_b is not None and not paired and n_b < 2):
+        return math.nan
+    if sd == 0:
+        return 0.0
+    if paired or n_b is None:
+        d = TTestPower().solve_power(effect_size=None, nobs=n_a, alpha=alpha, power=POWER)
+    else:
+        d = TTestIndPower().solve_power(effect_size=None, nobs1=n_a, ratio=n_b / n_a, alpha=alpha, power=POWER)
+    return float(d) * sd
+
+
+def seeds_needed(effect: float, sd: float, paired: bool) -> int | None:
+    """Seeds per arm to detect ``effect`` with POWER at CONFIDENCE; None when there is no effect to aim at."""
+    from statsmodels.stats.power import TTestIndPower, TTestPower
+
+    if not effect or math.isnan(sd) or sd == 0:
+        return None
+    alpha, es = 1 - CONFIDENCE, abs(effect) / sd
+    n = (TTestPower().solve_power(effect_size=es, nobs=None, alpha=alpha, power=POWER) if paired
+         else TTestIndPower().solve_power(effect_size=es, nobs1=None, ratio=1.0, alpha=alpha, power=POWER))
+    return int(math.ceil(float(n)))
+
+
+def pooled_sd(a: Iterable, b: Iterable) -> float:
+    ea, eb = t_interval(a), t_interval(b)
+    if ea.n < 2 or eb.n < 2:
+        return math.nan
+    return math.sqrt(((ea.n - 1) * ea.std ** 2 + (eb.n - 1) * eb.std ** 2) / (ea.n + eb.n - 2))
