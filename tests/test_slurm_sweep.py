@@ -77,3 +77,20 @@ def test_search_workers_share_one_study_as_slurm_jobs(local_slurm, tmp_path):  #
     assert {t.user_attrs["run_id"] for t in study.trials} == set(recs)
     assert all(r["env"].get("slurm_job_id") and r["env"].get("slurm_array") for r in recs.values())
     assert "best trial" in p.stdout
+
+
+def test_slurm_jobs_ask_for_the_time_limit_the_forecast_gives(local_slurm, tmp_path):  # noqa: F811
+    """With a finished run like them in the results folder, and no hydra.launcher.timeout_min given, the
+    sweep's SLURM jobs ask for the forecast's limit (the longest run x 1.5 + 10 min) instead of 240."""
+    from lorasweep.run.forecast import slurm_timeout_min
+
+    common = [*TINY, f"results_dir={tmp_path}/r", "study=fc"]
+    assert lorasweep(*common, "lora.r=8", cwd=tmp_path).returncode == 0  # a finished run of this model here
+    p = lorasweep("-m", "launcher=slurm", *common, "lora.r=2,4", f"hydra.sweep.dir={tmp_path}/sweep",
+                  f"hydra.launcher.partition={local_slurm.partition}", "hydra.launcher.gpus_per_node=null",
+                  "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=2", cwd=tmp_path, timeout=900)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    want = slurm_timeout_min(1.0)  # tiny runs: well under a minute, so the allowance and one minute
+    assert f"SLURM time limit from the forecast: timeout_min={want}" in p.stdout + p.stderr
+    scripts = list((tmp_path / "sweep").rglob("*_submission.sh"))
+    assert scripts and all(f"--time={want}" in s.read_text() for s in scripts), [s.read_text()[:800] for s in scripts]

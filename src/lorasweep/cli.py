@@ -29,9 +29,11 @@ def _slurm_timeout_min(default, *, _root_):
         log.warning("no forecast-based SLURM time limit (%s: %s); timeout_min=%s", type(e).__name__, e, default)
         return default
     if got is None:
-        log.info("SLURM time limit: timeout_min=%s (a run of this sweep has no forecast yet)", default)
+        print(f"lorasweep: SLURM time limit: timeout_min={default} (a run of this sweep has no forecast yet)",
+              file=sys.stderr)
         return default
-    log.info("SLURM time limit from the forecast: timeout_min=%d (the longest run x 1.5 + 10 min)", got)
+    print(f"lorasweep: SLURM time limit from the forecast: timeout_min={got} (the longest run x 1.5 + 10 min)",
+          file=sys.stderr)
     return got
 
 
