@@ -96,3 +96,14 @@ def test_the_report_shows_forecast_against_measured_time(tmp_path):
     assert "## Training time: forecast (before the run) vs measured" in md
     table = md.split("## Training time")[1].split("\n\n")[1]
     assert table.count("\n") == 4 and "**all runs**" in table  # header, rule, 2 runs, total
+
+
+def test_a_sweep_updates_the_forecast_of_its_remaining_runs_after_each_run(tmp_path):
+    from test_sweep import lorasweep
+
+    p = lorasweep("-m", *TINY, f"results_dir={tmp_path}/r", "study=s", "train.max_steps=4", "lora.r=2,4,8",
+                  cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-2000:]
+    out = p.stdout + p.stderr
+    assert "forecast: 2 run(s) left, " in out and "forecast: 1 run(s) left, " in out, out[-3000:]
+    assert "(from the runs finished so far)" in out

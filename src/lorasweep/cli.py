@@ -87,9 +87,16 @@ def task(cfg: DictConfig):
     if outcome.status == "follower":  # node k > 0 of a multi-node run: node 0 notes and reports it
         return outcome.__dict__
     if multirun:
-        from .study.sweep import note_outcome
+        from .study.sweep import note_outcome, remaining_forecast
 
         note_outcome(outcome)
+        if outcome.status in ("completed", "pruned", "skipped", "failed"):
+            try:
+                line = remaining_forecast()
+            except Exception as e:  # noqa: BLE001 - a forecast must never stop a sweep
+                line = f"forecast of the runs left: unavailable ({type(e).__name__}: {e})".splitlines()[0]
+            if line:
+                log.info("%s", line)
     if outcome.status == "interrupted":
         # The process was asked to stop (preemption, time limit, Ctrl-C): the run is checkpointed,
         # and no further run of the sweep starts. 128 + signal, as the shell reports a signal death.

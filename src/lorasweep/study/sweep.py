@@ -12,6 +12,7 @@ import glob
 import json
 import logging
 import os
+import sys
 from dataclasses import asdict
 from pathlib import Path
 
@@ -233,23 +234,58 @@ def read_outcomes(sweep_dir: Path) -> list[dict]:
 
 # ----------------------------------------------------------------------------- forecasts of a whole sweep
 
+def _jobs_of(hc, task: list[str]) -> list[list[str]]:
+    """The override list of every job of a basic sweep whose command line held ``task``, in launch
+    order (job.num indexes it)."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    params = dict(hc.sweeper.get("params") or {})
+    given = {o.partition("=")[0].lstrip("+~") for o in task}
+    args = [f"{k}={v}" for k, v in params.items() if k not in given] + list(task)
+    parsed = OverridesParser.create(config_loader=GlobalHydra.instance().config_loader()).parse_overrides(args)
+    return [list(j) for batch in BasicSweeper.split_arguments(parsed, None) for j in batch]
+
+
+def remaining_forecast() -> str | None:
+    """After a run of a one-process basic sweep: the forecast of the runs still to come, made from every
+    run finished so far (each new one moves it), as one line; None where there is nothing to say."""
+    from hydra import compose
+
+    from ..compose import to_run_config
+    from ..run.forecast import plan_forecast
+
+    hc = HydraConfig.get()
+    if not str(hc.sweeper.get("_target_", "")).endswith("BasicSweeper") or \
+            not str(hc.launcher.get("_target_", "")).endswith("BasicLauncher"):
+        return None  # a search decides as it goes; other launchers run jobs side by side
+    # In-process jobs (the basic launcher) see only their own overrides; the sweep's are the command line's.
+    task = [a for a in sys.argv[1:] if "=" in a and not a.startswith("-")]
+    rest = _jobs_of(hc, task)[hc.job.num + 1:]
+    if not rest:
+        return None
+    total = 0.0
+    for job in rest:
+        fc = plan_forecast(to_run_config(compose(config_name=hc.job.config_name, overrides=job)))
+        if fc is None or fc.train_s is None:
+            return f"forecast: {len(rest)} run(s) left; no forecast yet for {' '.join(job)}"
+        total += fc.train_s + (fc.eval_s or 0.0)
+    wall = f"{total:.0f} s" if total < 600 else f"{total / 60:.1f} min"
+    return f"forecast: {len(rest)} run(s) left, {wall} of training and validation (from the runs finished so far)"
+
+
 def sweep_timeout_min(root) -> int | None:
     """launcher=slurm's timeout_min from the forecasts of the sweep it launches (root: the launching
     process's config): the longest run's forecast x 1.5 + 10 min, or None when a run has no forecast
     (no finished run like it yet: the launcher's default stands)."""
     from hydra import compose
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.override_parser.overrides_parser import OverridesParser
 
     from ..compose import to_run_config
     from ..run.forecast import plan_forecast, slurm_timeout_min
 
     hc = root.hydra
-    params = dict(hc.sweeper.get("params") or {})
-    args = [f"{k}={v}" for k, v in params.items()] + list(hc.overrides.task)
-    parsed = OverridesParser.create(config_loader=GlobalHydra.instance().config_loader()).parse_overrides(args)
-    jobs = [list(j) for batch in BasicSweeper.split_arguments(parsed, None) for j in batch]
+    jobs = _jobs_of(hc, list(hc.overrides.task))  # the launching process sees the whole command line
     device = "cuda" if hc.launcher.get("gpus_per_node") else "cpu"
     worst = 0.0
     for job in jobs:
