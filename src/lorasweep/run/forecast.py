@@ -149,28 +149,44 @@ def machine_key(cfg: RunConfig, device: torch.device) -> dict:
 LOOSE_KEY = ("model", "precision", "device", "world_size")  # another host of the same kind (a cluster's nodes)
 
 
-def from_finished_runs(results_dir: Path, key: dict, tokens_per_micro_batch: float,
-                       exclude: str | None = None, loose: bool = False) -> Throughput | None:
-    """The median FLOP/s of finished runs with this key and a similar micro-batch, or None. ``loose``:
-    the same model, precision, device type and process count on any host (a SLURM sweep planned on
-    its login node for its compute nodes)."""
-    seen = []
+@dataclass(frozen=True)
+class FinishedRun:
+    """What a completed run's record says about this machine's throughput."""
+    run_id: str
+    key: dict
+    tokens_per_micro_batch: float
+    flops_per_s: float
+
+
+def finished_runs(results_dir: Path) -> list[FinishedRun]:
+    """Every completed run under ``results_dir`` that carries a forecast and a training time (read once
+    per question: a sweep's forecasts ask it for each of their runs)."""
+    out = []
     for rec_path in Path(results_dir).glob("*/*/record.json"):
         try:
             rec = json.loads(rec_path.read_text())
         except (OSError, ValueError):
             continue
         fc, m = rec.get("forecast") or {}, rec.get("metrics") or {}
-        theirs = fc.get("key") or {}
-        same = ({k: theirs.get(k) for k in LOOSE_KEY} == {k: key.get(k) for k in LOOSE_KEY}) if loose else theirs == key
-        if rec.get("status") != "completed" or rec.get("run_id") == exclude or not same:
-            continue
         flops, secs, tok = m.get("plan/train_flops"), m.get("time/train_s"), fc.get("tokens_per_micro_batch")
-        if not flops or not secs or not tok or secs <= 0:
+        if rec.get("status") == "completed" and fc.get("key") and flops and secs and tok and secs > 0:
+            out.append(FinishedRun(str(rec.get("run_id")), fc["key"], float(tok), flops / secs))
+    return out
+
+
+def from_finished_runs(runs: list[FinishedRun], key: dict, tokens_per_micro_batch: float,
+                       exclude: str | None = None, loose: bool = False) -> Throughput | None:
+    """The median FLOP/s of finished runs with this key and a similar micro-batch, or None. ``loose``:
+    the same model, precision, device type and process count on any host (a SLURM sweep planned on
+    its login node for its compute nodes)."""
+    seen = []
+    for r in runs:
+        same = ({k: r.key.get(k) for k in LOOSE_KEY} == {k: key.get(k) for k in LOOSE_KEY}) if loose else r.key == key
+        tok = r.tokens_per_micro_batch
+        if r.run_id == exclude or not same or \
+                max(tok, tokens_per_micro_batch) / max(min(tok, tokens_per_micro_batch), 1) > SIMILAR_SHAPE:
             continue
-        if max(tok, tokens_per_micro_batch) / max(min(tok, tokens_per_micro_batch), 1) > SIMILAR_SHAPE:
-            continue
-        seen.append((abs(math.log(tok / max(tokens_per_micro_batch, 1))), flops / secs, rec.get("run_id")))
+        seen.append((abs(math.log(tok / max(tokens_per_micro_batch, 1))), r.flops_per_s, r.run_id))
     if not seen:
         return None
     seen.sort()
@@ -292,16 +308,18 @@ def forecast_run(cfg: RunConfig, skeleton, prepared, n_steps: int, device: torch
 
 def measure(fc: Forecast, cfg: RunConfig, rid: str, model, prepared, device: torch.device, autocast_dtype) -> Forecast:
     """Give the forecast its throughput: finished runs like this one, else a probe of this run."""
-    tp = from_finished_runs(Path(cfg.results_dir), fc.key, fc.tokens_per_micro_batch, exclude=rid)
+    tp = from_finished_runs(finished_runs(Path(cfg.results_dir)), fc.key, fc.tokens_per_micro_batch, exclude=rid)
     if tp is None:
         tp = probe(model, prepared.train, fc.shape, device, autocast_dtype, cfg.train.loss_head)
     fc.throughput = capped(tp, device) if tp is not None else None
     return fc
 
 
-def plan_forecast(cfg: RunConfig, device_type: str | None = None, loose: bool = False) -> Forecast | None:
+def plan_forecast(cfg: RunConfig, device_type: str | None = None, loose: bool = False,
+                  finished: list[FinishedRun] | None = None) -> Forecast | None:
     """The forecast `lorasweep-plan` prints, before any weight loads: the run's FLOPs from its skeleton
-    and its own batches (tokenizer only), at the throughput of finished runs like it (none: no time)."""
+    and its own batches (tokenizer only), at the throughput of finished runs like it (none: no time).
+    ``finished``: the results folder's finished runs, when the caller has read them already."""
     from . import data as data_stage, model as model_stage, train as train_stage
 
     if cfg.model.task != "causal_lm":
@@ -317,7 +335,8 @@ def plan_forecast(cfg: RunConfig, device_type: str | None = None, loose: bool = 
                                            group_by_length=cfg.train.group_by_length, packing=cfg.train.packing)
         steps = train_stage.total_steps(cfg.train, len(prepared.train))
         fc = forecast_run(cfg, model_stage.build_skeleton(cfg.model), prepared, steps, device)
-        fc.throughput = from_finished_runs(Path(cfg.results_dir), fc.key, fc.tokens_per_micro_batch, loose=loose)
+        runs = finished if finished is not None else finished_runs(Path(cfg.results_dir))
+        fc.throughput = from_finished_runs(runs, fc.key, fc.tokens_per_micro_batch, loose=loose)
     finally:
         torch.set_num_threads(before)
     return fc

@@ -43,18 +43,25 @@ def sweep_size(config: DictConfig) -> int | None:
     hydra.sweeper.params and the command line. None for other sweepers (optuna decides as it goes)."""
     if not str(config.hydra.sweeper.get("_target_", "")).endswith("BasicSweeper"):
         return None
+    try:
+        return len(jobs_of(config.hydra, list(config.hydra.overrides.task)))
+    except Exception:  # noqa: BLE001 - the count is for display only
+        return None
+
+
+def jobs_of(hc, task: list[str]) -> list[list[str]]:
+    """The override list of every job Hydra's basic sweeper launches for the study's
+    ``hc.sweeper.params`` and the command line ``task``, in launch order (job.num indexes it): its
+    own expansion (a command-line key replaces the study's axis of that key, in the axis's place)."""
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    params = config.hydra.sweeper.get("params") or {}
-    args = [f"{k}={v}" for k, v in params.items()] + list(config.hydra.overrides.task)
-    try:
-        loader = GlobalHydra.instance().config_loader() if GlobalHydra.instance().is_initialized() else None
-        overrides = OverridesParser.create(config_loader=loader).parse_overrides(args)
-        return sum(len(batch) for batch in BasicSweeper.split_arguments(overrides, None))
-    except Exception:  # noqa: BLE001 - the count is for display only
-        return None
+    params = hc.sweeper.get("params") or {}
+    args = [f"{k}={v}" for k, v in params.items()] + list(task)
+    loader = GlobalHydra.instance().config_loader() if GlobalHydra.instance().is_initialized() else None
+    parsed = OverridesParser.create(config_loader=loader).parse_overrides(args)
+    return [list(j) for batch in BasicSweeper.split_arguments(parsed, None) for j in batch]
 
 
 def visible_gpus() -> list[str]:
@@ -234,27 +241,13 @@ def read_outcomes(sweep_dir: Path) -> list[dict]:
 
 # ----------------------------------------------------------------------------- forecasts of a whole sweep
 
-def _jobs_of(hc, task: list[str]) -> list[list[str]]:
-    """The override list of every job of a basic sweep whose command line held ``task``, in launch
-    order (job.num indexes it)."""
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    params = dict(hc.sweeper.get("params") or {})
-    given = {o.partition("=")[0].lstrip("+~") for o in task}
-    args = [f"{k}={v}" for k, v in params.items() if k not in given] + list(task)
-    parsed = OverridesParser.create(config_loader=GlobalHydra.instance().config_loader()).parse_overrides(args)
-    return [list(j) for batch in BasicSweeper.split_arguments(parsed, None) for j in batch]
-
-
 def remaining_forecast() -> str | None:
     """After a run of a one-process basic sweep: the forecast of the runs still to come, made from every
     run finished so far (each new one moves it), as one line; None where there is nothing to say."""
     from hydra import compose
 
     from ..compose import to_run_config
-    from ..run.forecast import plan_forecast
+    from ..run.forecast import finished_runs, plan_forecast
 
     hc = HydraConfig.get()
     if not str(hc.sweeper.get("_target_", "")).endswith("BasicSweeper") or \
@@ -262,12 +255,15 @@ def remaining_forecast() -> str | None:
         return None  # a search decides as it goes; other launchers run jobs side by side
     # In-process jobs (the basic launcher) see only their own overrides; the sweep's are the command line's.
     task = [a for a in sys.argv[1:] if "=" in a and not a.startswith("-")]
-    rest = _jobs_of(hc, task)[hc.job.num + 1:]
+    rest = jobs_of(hc, task)[hc.job.num + 1:]
     if not rest:
         return None
-    total = 0.0
+    total, finished = 0.0, {}  # each results folder's finished runs, read once
     for job in rest:
-        fc = plan_forecast(to_run_config(compose(config_name=hc.job.config_name, overrides=job)))
+        rc = to_run_config(compose(config_name=hc.job.config_name, overrides=job))
+        if rc.results_dir not in finished:
+            finished[rc.results_dir] = finished_runs(Path(rc.results_dir))
+        fc = plan_forecast(rc, finished=finished[rc.results_dir])
         if fc is None or fc.train_s is None:
             return f"forecast: {len(rest)} run(s) left; no forecast yet for {' '.join(job)}"
         total += fc.train_s + (fc.eval_s or 0.0)
@@ -282,15 +278,17 @@ def sweep_timeout_min(root) -> int | None:
     from hydra import compose
 
     from ..compose import to_run_config
-    from ..run.forecast import plan_forecast, slurm_timeout_min
+    from ..run.forecast import finished_runs, plan_forecast, slurm_timeout_min
 
     hc = root.hydra
-    jobs = _jobs_of(hc, list(hc.overrides.task))  # the launching process sees the whole command line
+    jobs = jobs_of(hc, list(hc.overrides.task))  # the launching process sees the whole command line
     device = "cuda" if hc.launcher.get("gpus_per_node") else "cpu"
-    worst = 0.0
+    worst, finished = 0.0, {}  # each results folder's finished runs, read once
     for job in jobs:
         rc = to_run_config(compose(config_name=hc.job.config_name, overrides=job))
-        fc = plan_forecast(rc, device, loose=True)
+        if rc.results_dir not in finished:
+            finished[rc.results_dir] = finished_runs(Path(rc.results_dir))
+        fc = plan_forecast(rc, device, loose=True, finished=finished[rc.results_dir])
         if fc is None or fc.train_s is None:
             return None
         worst = max(worst, fc.train_s + (fc.eval_s or 0.0))
@@ -301,9 +299,7 @@ def sweep_jobs(overrides: list[str]) -> list[list[str]]:
     """Every job a `lorasweep -m ...` (or a study file's hydra.sweeper.params) would launch, as override
     lists: Hydra's own basic-sweeper expansion of the study's axes and the command line's lists."""
     from hydra import compose, initialize_config_dir
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.override_parser.overrides_parser import OverridesParser
 
     from ..compose import conf_dir, register_schema
 
@@ -312,11 +308,7 @@ def sweep_jobs(overrides: list[str]) -> list[list[str]]:
     plain = [o for o in overrides if not is_list(o)]
     with initialize_config_dir(config_dir=conf_dir(), version_base=None):
         cfg = compose(config_name="config", overrides=plain, return_hydra_config=True)
-        params = dict(cfg.hydra.sweeper.get("params") or {})
-        given = {o.partition("=")[0].lstrip("+~") for o in overrides}
-        args = [f"{k}={v}" for k, v in params.items() if k not in given] + list(overrides)
-        parsed = OverridesParser.create(config_loader=GlobalHydra.instance().config_loader()).parse_overrides(args)
-        return [list(job) for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
+        return jobs_of(cfg.hydra, overrides)
 
 
 def is_list(o: str) -> bool:
