@@ -241,13 +241,16 @@ def read_outcomes(sweep_dir: Path) -> list[dict]:
 
 # ----------------------------------------------------------------------------- forecasts of a whole sweep
 
+_PLANNED: dict[tuple, tuple] = {}  # job overrides -> (results_dir, Forecast): this process's sweep
+
+
 def remaining_forecast() -> str | None:
     """After a run of a one-process basic sweep: the forecast of the runs still to come, made from every
     run finished so far (each new one moves it), as one line; None where there is nothing to say."""
     from hydra import compose
 
     from ..compose import to_run_config
-    from ..run.forecast import finished_runs, plan_forecast
+    from ..run.forecast import finished_runs, from_finished_runs, plan_forecast
 
     hc = HydraConfig.get()
     if not str(hc.sweeper.get("_target_", "")).endswith("BasicSweeper") or \
@@ -260,10 +263,15 @@ def remaining_forecast() -> str | None:
         return None
     total, finished = 0.0, {}  # each results folder's finished runs, read once
     for job in rest:
-        rc = to_run_config(compose(config_name=hc.job.config_name, overrides=job))
-        if rc.results_dir not in finished:
-            finished[rc.results_dir] = finished_runs(Path(rc.results_dir))
-        fc = plan_forecast(rc, finished=finished[rc.results_dir])
+        planned = _PLANNED.get(tuple(job))
+        if planned is None:  # a job's config and FLOPs do not change as the sweep goes: planned once
+            rc = to_run_config(compose(config_name=hc.job.config_name, overrides=job))
+            planned = _PLANNED[tuple(job)] = (rc.results_dir, plan_forecast(rc, finished=[]))
+        results_dir, fc = planned
+        if results_dir not in finished:
+            finished[results_dir] = finished_runs(Path(results_dir))
+        if fc is not None:  # only the throughput moves: from the runs finished so far
+            fc.throughput = from_finished_runs(finished[results_dir], fc.key, fc.tokens_per_micro_batch)
         if fc is None or fc.train_s is None:
             return f"forecast: {len(rest)} run(s) left; no forecast yet for {' '.join(job)}"
         total += fc.train_s + (fc.eval_s or 0.0)
