@@ -239,7 +239,7 @@ def test_bad_claims_name_the_field(tmp_path, claim, message):
 
 @pytest.mark.parametrize("study", ["rank_alpha", "qlora_vs_lora", "optimizers", "epochs", "targets", "alpha_scan",
                                    "finetune_methods", "seeds", "sst2_classification", "data_quality",
-                                   "forgetting"])
+                                   "forgetting", "lr_rank"])
 def test_study_claims_name_real_arms(study, tmp_path):
     """Every claim of every study file, on records made from the study's own grid (2 seeds each):
     each selector names an existing arm and each metric a column, so no verdict is a typo."""

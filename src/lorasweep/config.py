@@ -102,6 +102,9 @@ class PrecisionConfig:
 class OptimizerConfig:
     name: str = "adamw"
     lr: float = 2e-4
+    # a multiplier on lr: sweeping it (optimizer.lr_factor=0.3,1,3) gives every arm an lr grid around its
+    # own rate (SGD's 1e-2, AdamW's 2e-4, full fine-tuning's 1e-5); the run trains at lr x lr_factor
+    lr_factor: float = 1.0
     weight_decay: float = 0.0
     momentum: float = 0.9  # sgd only
     betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
@@ -162,6 +165,8 @@ class DataConfig:
     template: str = "auto"
     train_on_prompt: bool = False
     val_fraction: float = 0.05
+    # file data: a further share held out as the test split (eval.test_loss scores it as test/*)
+    test_fraction: float = 0.0
     max_train_examples: Optional[int] = None
     max_val_examples: Optional[int] = 200
     # arithmetic generator sizes
@@ -194,6 +199,10 @@ class EvalConfig:
     # further validation sets (sources.py): {lima: {name: alpaca, path: lima.json, n: 50}} adds
     # val/lima/loss and val/lima/perplexity, scored like val/loss with the run's template
     val_sets: Dict[str, Any] = field(default_factory=dict)
+    # test/loss and test/perplexity on the data's held-out test split (arithmetic: data.n_test; file data:
+    # data.test_fraction), never used to choose anything: a study that picks each arm's lr on val/loss
+    # judges it here (reference.select)
+    test_loss: bool = False
 
 
 @dataclass
@@ -331,8 +340,14 @@ def config_hash(cfg: RunConfig) -> str:
             d["lora"].pop(k, None)
     if not d["data"].get("mix"):  # fields added later: at their empty default, ids stay what they were
         d["data"].pop("mix", None)
+    if d.get("optimizer", {}).get("lr_factor") == 1.0:
+        d["optimizer"].pop("lr_factor", None)
+    if not d["data"].get("test_fraction"):
+        d["data"].pop("test_fraction", None)
     if "eval" in d and not d["eval"].get("val_sets"):
         d["eval"].pop("val_sets", None)
+    if "eval" in d and not d["eval"].get("test_loss"):
+        d["eval"].pop("test_loss", None)
     blob = json.dumps(d, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:8]
 
@@ -572,6 +587,8 @@ def validate(cfg: RunConfig) -> None:
         bad("optimizer.name", op.name, f"must be one of {', '.join(OPTIMIZERS)}")
     if not op.lr > 0:
         bad("optimizer.lr", op.lr, "must be > 0 (e.g. optimizer.lr=2e-4)")
+    if not op.lr_factor > 0:
+        bad("optimizer.lr_factor", op.lr_factor, "must be > 0 (the run trains at optimizer.lr x lr_factor)")
     if op.weight_decay < 0:
         bad("optimizer.weight_decay", op.weight_decay, "must be >= 0")
     if op.warmup_steps < 0:
@@ -626,6 +643,16 @@ def validate(cfg: RunConfig) -> None:
         p.extend(source_problems(spec, f"eval.val_sets.{name}", needs_n=False))
     if cfg.eval.val_sets and cfg.model.task != "causal_lm":
         bad("eval.val_sets", dict(cfg.eval.val_sets), "further validation sets are for causal_lm runs; remove them")
+    if not 0 <= da.test_fraction < 1 or da.test_fraction + da.val_fraction >= 1:
+        bad("data.test_fraction", da.test_fraction, "must be >= 0 and leave training rows: data.val_fraction + "
+            "data.test_fraction < 1")
+    if cfg.eval.test_loss:
+        if cfg.model.task != "causal_lm":
+            bad("eval.test_loss", True, "the held-out test loss is for causal_lm runs; remove it")
+        elif da.name == "arithmetic" and da.n_test < 1:
+            bad("eval.test_loss", True, "the arithmetic data has no test split: set data.n_test (e.g. 200)")
+        elif da.name in ("alpaca", "jsonl") and not da.test_fraction:
+            bad("eval.test_loss", True, "file data has no test split: hold one out with data.test_fraction (e.g. 0.05)")
 
     mo = cfg.model
     if not mo.name_or_path.startswith("builtin:") and not _is_hub_id(mo.name_or_path):

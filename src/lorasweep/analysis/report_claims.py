@@ -35,12 +35,14 @@ from typing import Any
 
 import pandas as pd
 
-from ..claims import Claim, ReportError, margin_value, parse_claims  # noqa: F401  (parse_claims: re-exported)
+from ..claims import Claim, ReportError, Selection, margin_value, parse_claims, parse_selection  # noqa: F401  (re-exported)
+from ..run.contention import QUIET_SHARE
 from .report_data import memory_key, num
 from .report_stats import (INTERVAL_NAME, arm_labels, mde, paired_interval, paired_seeds, pooled_sd, seeds_needed,
                            std_interval, t_interval, welch_interval)
 
-VERDICTS = ("reproduced", "not reproduced", "opposite", "underpowered", "inconclusive")
+VERDICTS = ("reproduced", "not reproduced", "opposite", "underpowered", "inconclusive", "shared cores")
+TIME_PREFIXES = ("time/", "throughput/")  # claims on these are judged on runs that trained alone only
 
 
 @dataclass
@@ -52,7 +54,16 @@ class Verdict:
 
     def line(self) -> str:
         art = f" | article: {self.claim.article}" if self.claim.article else ""
-        return f"{self.verdict}: {self.claim.metric}: {self.claim.text} -- {self.summary}{art}"
+        tag = " (by construction)" if self.claim.by_construction else ""
+        return f"{self.verdict}{tag}: {self.claim.metric}: {self.claim.text} -- {self.summary}{art}"
+
+    @property
+    def powered(self) -> bool | None:
+        """Could the design have detected the effect the claim needs? None for claims without a test
+        (by construction, spreads, unmeasured, or judged on contended runs)."""
+        if self.claim.by_construction or self.verdict == "shared cores" or "mde " not in self.summary + "".join(self.details):
+            return None
+        return self.verdict != "underpowered"
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -139,6 +150,8 @@ def _equivalent(lo: float, hi: float, m: float) -> str:
 
 
 def combine(verdicts: list[str]) -> str:
+    if verdicts and all(v == "shared cores" for v in verdicts):
+        return "shared cores"
     """Several comparisons: reproduced if all are, opposite if any is, not reproduced if any is."""
     if not verdicts:
         return "inconclusive"
@@ -158,8 +171,42 @@ def _lower_is_better(claim: Claim, metric: str) -> bool:
     return any(s in metric for s in ("loss", "perplexity")) or metric.startswith(("time/", "mem/", "plan/"))
 
 
+def _contention_figure(runs: pd.DataFrame) -> str:
+    share = pd.to_numeric(runs.get("contention/others_share", pd.Series(dtype=float)), errors="coerce")
+    unknown = int(share.isna().sum()) if len(share) else len(runs)
+    known = share.dropna()
+    parts = []
+    if len(known):
+        loud = int((known >= QUIET_SHARE).sum())
+        parts.append(f"{loud} of {len(known)} runs trained beside other work (others took up to "
+                     f"{100 * known.max():.0f}% of the machine's CPU; alone means under {100 * QUIET_SHARE:.0f}%)")
+    if unknown:
+        parts.append(f"{unknown} run(s) recorded no contention")
+    return "; ".join(parts)
+
+
+def _quiet_rows(runs: pd.DataFrame) -> pd.Series:
+    share = pd.to_numeric(runs.get("contention/others_share", pd.Series(math.nan, index=runs.index)), errors="coerce")
+    gpu = pd.to_numeric(runs.get("contention/gpu_other_processes", pd.Series(0, index=runs.index)), errors="coerce")
+    return (share < QUIET_SHARE) & ~(gpu.fillna(0) > 0)
+
+
+def _alone(a: pd.DataFrame, b: pd.DataFrame | float) -> tuple[pd.DataFrame, pd.DataFrame | float, str | None]:
+    """A time claim's arms cut to the runs that trained alone, or why it cannot be judged."""
+    both = a if not isinstance(b, pd.DataFrame) else pd.concat([a, b])
+    qa = a[_quiet_rows(a)]
+    qb = b[_quiet_rows(b)] if isinstance(b, pd.DataFrame) else b
+    if len(qa) < 2 or (isinstance(qb, pd.DataFrame) and len(qb) < 2):
+        return a, b, _contention_figure(both)
+    return qa, qb, None
+
+
 def _compare(a: pd.DataFrame, b: pd.DataFrame | float, metric: str, claim: Claim, op: str, label_a: str,
              label_b: str):
+    if metric.startswith(TIME_PREFIXES):  # a time taken beside other work is not this configuration's time
+        a, b, loud = _alone(a, b)
+        if loud:
+            return "shared cores", f"{label_a} vs {label_b}: not judged: {loud}; rerun alone"
     constant = not isinstance(b, pd.DataFrame)
     pairs = None if constant else paired_seeds(a, b, metric)
     if pairs is not None:  # arms that share seeds: the per-seed differences (paired t)
@@ -274,18 +321,163 @@ def _sel_text(sel: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in sel.items())
 
 
+def select_per_arm(df: pd.DataFrame, sel: Selection) -> tuple[pd.DataFrame, list[str]]:
+    """Each arm's runs at the value of ``sel.param`` whose mean ``sel.on`` over seeds is best (its lr on
+    the validation split), the param dropped from the arm's name; and one line per arm saying what
+    was chosen. The claims are then judged on metrics the choice did not look at."""
+    col = _column(df, sel.param)
+    if col is None or sel.on not in df.columns:
+        missing = sel.param if col is None else sel.on
+        return df, [f"reference.select: {missing!r} is not in this study's runs, so no value was selected"]
+    done = df[df["status"] == "completed"].copy()
+    done["_value"] = col.loc[done.index].map(num)
+    rest = df.copy()
+    rest.attrs = {**df.attrs, "swept": [c for c in df.attrs.get("swept") or [] if c != sel.param]}
+    done.attrs = rest.attrs
+    done["_arm"] = arm_labels(done)
+    keep, notes = [], []
+    for arm in dict.fromkeys(done["_arm"]):
+        g = done[done["_arm"] == arm]
+        means = pd.to_numeric(g[sel.on], errors="coerce").groupby(g["_value"]).mean().dropna()
+        if means.empty:
+            continue
+        best = means.idxmin() if sel.lower_is_better else means.idxmax()
+        chosen = g[g["_value"] == best]
+        keep.extend(chosen.index)
+        lr = pd.to_numeric(chosen.get("optimizer/lr", pd.Series(dtype=float)), errors="coerce").dropna()
+        lr_text = f" (lr {_fmt(float(lr.iloc[0]), 3)})" if len(lr) else ""
+        grid = ", ".join(f"{_fmt(float(v), 3) if isinstance(v, (int, float)) else v}: {_fmt(m)}" for v, m in means.items())
+        edge = " -- at the grid's edge: the best may lie outside it" if best in (means.index[0], means.index[-1]) and len(means) > 2 else ""
+        notes.append(f"{arm}: {sel.param}={num(best)}{lr_text} [{sel.on} by value: {grid}]{edge}")
+    out = rest.loc[[i for i in rest.index if i in set(keep) or rest.at[i, "status"] != "completed"]]
+    out.attrs = rest.attrs
+    return out, notes
+
+
+def _best_lr(runs: pd.DataFrame, sel: Selection, metric: str, lower: bool) -> tuple[float | None, str]:
+    """The lr (optimizer/lr) whose mean ``metric`` over seeds is best, and whether it sits at the
+    grid's edge (then the true best may lie beyond it)."""
+    value = _column(runs, sel.param)
+    lr = pd.to_numeric(runs.get("optimizer/lr", value), errors="coerce")
+    score = pd.to_numeric(runs[metric], errors="coerce")
+    means = score.groupby(lr).mean().dropna()
+    if means.empty:
+        return None, ""
+    best = float(means.idxmin() if lower else means.idxmax())
+    grid = ", ".join(f"{_fmt(float(k), 3)}: {_fmt(float(m))}" for k, m in means.items())
+    edge = len(means) > 2 and best in (float(means.index[0]), float(means.index[-1]))
+    return best, f"[{grid}]" + (" at the grid's edge" if edge else "")
+
+
+def evaluate_best_lr(df: pd.DataFrame, claim: Claim, sel: Selection) -> Verdict:
+    """best_lr: the ratio of arm A's best lr to arm B's against the expected ratio (within the
+    tolerance). The lrs are points of the grid, so the ratio is known to a grid step; a best lr at the
+    grid's edge makes the claim inconclusive (widen the grid)."""
+    done = df[df["status"] == "completed"].copy()
+    if claim.metric not in done.columns:
+        return Verdict(claim, "inconclusive", f"{claim.metric} was not measured in this study")
+    rest = done.copy()
+    rest.attrs = {**df.attrs, "swept": [c for c in df.attrs.get("swept") or [] if c != sel.param]}
+    rest["_arm"] = arm_labels(rest)
+    lower = _lower_is_better(claim, claim.metric)
+    results = []
+    for gname, g in _groups(rest, claim.per)[0]:
+        a, wa = _select(g, claim.a)
+        b, wb = _select(g, claim.b)
+        if wa or wb:
+            results.append(("inconclusive", f"{gname}: {wa or wb}" if gname else (wa or wb)))
+            continue
+        la, ta = _best_lr(a, sel, claim.metric, lower)
+        lb, tb = _best_lr(b, sel, claim.metric, lower)
+        if la is None or lb is None:
+            results.append(("inconclusive", "an arm has no scored run"))
+            continue
+        r = la / lb
+        lo, hi = claim.ratio / claim.tolerance, claim.ratio * claim.tolerance
+        nums = (f"{_sel_text(claim.a)} best lr {_fmt(la, 3)} {ta} vs {_sel_text(claim.b)} best lr {_fmt(lb, 3)} {tb}: "
+                f"ratio {_fmt(r, 3)} (expected {_fmt(claim.ratio, 3)}, [{_fmt(lo, 3)}, {_fmt(hi, 3)}]; on {claim.metric}, "
+                f"means over seeds)")
+        if "edge" in ta + tb:
+            v = "inconclusive"
+        else:
+            v = "reproduced" if lo <= r <= hi else "not reproduced"
+        results.append((v, (f"{gname}: " if gname else "") + nums))
+    if not results:
+        return Verdict(claim, "inconclusive", "no comparison could be made")
+    verdict = combine([v for v, _ in results])
+    if len(results) == 1:
+        return Verdict(claim, verdict, results[0][1])
+    return Verdict(claim, verdict, f"{len(results)} comparisons", [f"{v}: {n}" for v, n in results])
+
+
+def design_notes(df: pd.DataFrame, claim: Claim, metric: str) -> list[str]:
+    """What in the design itself may decide this claim's verdict: the study's own note, a score every
+    run of the compared arms sits at (a floor: nothing to separate), a warm-up that takes a large share
+    of the steps."""
+    notes = [claim.note] if claim.note else []
+    done = df[df["status"] == "completed"]
+    vals = pd.to_numeric(done.get(metric, pd.Series(dtype=float)), errors="coerce").dropna()
+    if len(vals) > 1 and vals.nunique() == 1 and not metric.startswith(("params/", "plan/")):
+        notes.append(f"every run scores {_fmt(float(vals.iloc[0]))}: a floor or a ceiling, the design cannot separate the arms")
+    fixed = (df.attrs.get("constant") or {}).get("optimizer.warmup_steps")
+    warm = pd.to_numeric(done["optimizer.warmup_steps"] if "optimizer.warmup_steps" in done.columns
+                         else pd.Series(fixed, index=done.index, dtype=float), errors="coerce")
+    steps = pd.to_numeric(done.get("train/steps", pd.Series(dtype=float)), errors="coerce")
+    share = (warm / steps).dropna()
+    if len(share) and share.max() >= 0.2:
+        notes.append(f"warm-up takes up to {100 * share.max():.0f}% of the steps: a schedule claim is then "
+                     "about the warm-up as much as the schedule")
+    return notes
+
+
 def evaluate_claims(df: pd.DataFrame) -> list[Verdict]:
-    """Every claim of the study's reference block, judged on its completed runs."""
-    return [evaluate_claim(df, c) for c in parse_claims(df.attrs.get("reference"))]
+    """Every claim of the study's reference block, judged on its completed runs (each arm at its
+    selected value when the study has reference.select)."""
+    ref = df.attrs.get("reference")
+    sel = parse_selection(ref)
+    judged, _ = select_per_arm(df, sel) if sel else (df, [])
+    out = []
+    for c in parse_claims(ref):
+        if c.kind == "best_lr":
+            out.append(evaluate_best_lr(df, c, sel))
+            continue
+        v = evaluate_claim(judged, c)
+        metric = memory_key(judged) if c.metric == "memory" else c.metric
+        notes = design_notes(judged, c, metric) if metric else []
+        if notes:
+            v.summary += " (design: " + "; ".join(notes) + ")"
+        out.append(v)
+    return out
+
+
+def selection_lines(df: pd.DataFrame) -> list[str]:
+    sel = parse_selection(df.attrs.get("reference"))
+    if not sel:
+        return []
+    _, notes = select_per_arm(df, sel)
+    head = (f"_Each arm is judged at its own {sel.param}, the one with the best mean {sel.on} over seeds "
+            f"(picked on the validation split; the claims are judged on metrics it did not look at):_")
+    return [head, ""] + [f"- {n}" for n in notes] + [""]
 
 
 def verdicts_markdown(verdicts: list[Verdict]) -> str:
-    """The summary.md section: one line per claim, the comparisons below it when there are several."""
+    """The summary.md section: one line per claim, the comparisons below it when there are several;
+    claims that hold by construction last, apart from the findings."""
     lines = [f"_Each claim from the study file, judged on the arms' means over seeds. `mean ± h (n=k)`: an arm's "
-             f"mean over k seeds and the half-width of its {INTERVAL_NAME}; `diff [lo, hi]`: the Welch 95% "
-             "interval of the difference of means (docs/studies.md)._", ""]
-    for v in verdicts:
+             f"mean over k seeds and the half-width of its {INTERVAL_NAME}; `diff [lo, hi]`: the 95% interval of "
+             "the difference (paired t when the arms share seeds, else Welch); `mde`: the smallest difference the "
+             "design detects at 95% confidence and 80% power (docs/studies.md)._", ""]
+    findings = [v for v in verdicts if not v.claim.by_construction]
+    built = [v for v in verdicts if v.claim.by_construction]
+
+    def item(v: Verdict) -> list[str]:
         art = f" Article: {v.claim.article}." if v.claim.article else ""
-        lines.append(f"- **{v.verdict}** `{v.claim.metric}`: {v.claim.text} -- {v.summary}.{art}")
-        lines += [f"  - {d}" for d in v.details]
+        return [f"- **{v.verdict}** `{v.claim.metric}`: {v.claim.text} -- {v.summary}.{art}"] + [f"  - {d}" for d in v.details]
+
+    for v in findings:
+        lines += item(v)
+    if built:
+        lines += ["", "_Hold by construction (how the arms are built decides them; checks of the harness, not findings):_", ""]
+        for v in built:
+            lines += item(v)
     return "\n".join(lines)

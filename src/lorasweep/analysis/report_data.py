@@ -180,8 +180,9 @@ def load_study(folder: str | Path) -> pd.DataFrame:
     metric_cols = sorted({k for _, rec in recs for k in (rec.get("metrics") or {})})
     lead = list(BASE_COLUMNS) + swept + [c for c in varying if c not in swept]
     df = df[lead + [c for c in metric_cols if c not in lead] + ["error", "run_dir"]]
+    constant = {k: v for k, v in (flat_cfgs[0] if flat_cfgs else {}).items() if k not in varying}
     df.attrs.update(study=recs[0][1].get("study") or folder.name, swept=swept, varying=varying,
-                    reference=reference or {}, folder=str(folder))
+                    reference=reference or {}, folder=str(folder), constant=constant)
     return df
 
 

@@ -21,7 +21,7 @@ from .report_data import find_baseline, num
 CONFIDENCE = 0.95
 INTERVAL_NAME = "95% t-interval"
 # The columns the report summarises over seeds: scores, losses, time and memory.
-STAT_PREFIXES = ("eval/", "eval_delta/", "val/", "train/loss", "train/first_loss", "time/", "mem/", "throughput/")
+STAT_PREFIXES = ("eval/", "eval_delta/", "val/", "test/", "train/loss", "train/first_loss", "time/", "mem/", "throughput/")
 
 
 @dataclass(frozen=True)

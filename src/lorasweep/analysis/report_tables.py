@@ -9,7 +9,7 @@ from typing import Any
 
 import pandas as pd
 
-from .report_claims import evaluate_claims, verdicts_markdown
+from .report_claims import evaluate_claims, selection_lines, verdicts_markdown
 from .report_data import HEADERS, find_baseline, num, memory_key, score_keys
 from .report_stats import INTERVAL_NAME, arms, baseline_arm, t_interval, welch_interval
 
@@ -212,7 +212,7 @@ def summary_markdown(df: pd.DataFrame, baseline: str | dict | None = None, plots
     lines += [f"{len(df)} runs: " + ", ".join(f"{v} {k}" for k, v in sorted(n.items())) + ".", ""]
     verdicts = evaluate_claims(df)
     if verdicts:
-        lines += ["## Verdicts", "", verdicts_markdown(verdicts), ""]
+        lines += ["## Verdicts", ""] + selection_lines(df) + [verdicts_markdown(verdicts), ""]
     st = seed_table(df)  # repeated arms: their means and intervals come before the single runs
     if st:
         lines += [f"## Across seeds (mean ± half-width of the {INTERVAL_NAME}; sd; n)", "", st, ""]

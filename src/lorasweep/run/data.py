@@ -89,13 +89,18 @@ def instruction_records(rows: list[dict], source: str) -> list[dict]:
     return out
 
 
-def split_train_val(rows: list[dict], frac: float, seed: int) -> dict[str, list[dict]]:
+def split_train_val(rows: list[dict], frac: float, seed: int, test_frac: float = 0.0) -> dict[str, list[dict]]:
+    """val first, then (test_frac > 0) test, then train, from one shuffle: with no test split the
+    train and val rows are what they always were."""
     rows = list(rows)
     random.Random(seed).shuffle(rows)
     n_val = max(1, int(round(len(rows) * frac)))
-    if len(rows) - n_val < 1:
+    n_test = max(1, int(round(len(rows) * test_frac))) if test_frac else 0
+    if len(rows) - n_val - n_test < 1:
         raise DataError(f"only {len(rows)} records: too few for a train and a validation split")
-    return {"train": rows[n_val:], "val": rows[:n_val], "test": []}
+    if not n_test:
+        return {"train": rows[n_val:], "val": rows[:n_val], "test": []}
+    return {"train": rows[n_val + n_test:], "val": rows[:n_val], "test": rows[n_val:n_val + n_test]}
 
 
 def load_raw(dc: DataConfig) -> dict[str, list[dict]]:
@@ -111,7 +116,7 @@ def load_raw(dc: DataConfig) -> dict[str, list[dict]]:
             rows = instruction_records(list(ds), f"hub dataset {dc.hub_id}")
         else:
             raise DataError(f"data={dc.name} needs data.path=<local file>")
-        return split_train_val(rows, dc.val_fraction, dc.seed)
+        return split_train_val(rows, dc.val_fraction, dc.seed, dc.test_fraction)
     raise DataError(f"data.name={dc.name!r}: unknown; use arithmetic, alpaca or jsonl")
 
 
@@ -303,6 +308,17 @@ def prepare_data(dc: DataConfig, tokenizer, *, max_seq_len: int, batch_size: int
         chat_template=use_chat(dc, tokenizer),
         n_train_examples=n_examples,
     )
+
+
+def test_batches(dc: DataConfig, test_rows: list[dict], tokenizer, *, max_seq_len: int, batch_size: int,
+                 seed: int) -> Batches:
+    """The held-out test split (eval.test_loss), rendered and tokenized like the validation split."""
+    rows = test_rows[: dc.max_val_examples] if dc.max_val_examples else test_rows
+    examples = cached_tokenize(rows, tokenizer, dc, max_seq_len)
+    if not examples:
+        raise DataError(f"eval.test_loss: no test example fits train.max_seq_len={max_seq_len}")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return Batches(examples, batch_size, pad, shuffle=False, seed=seed)
 
 
 def val_set_batches(dc: DataConfig, specs: dict, tokenizer, *, max_seq_len: int, batch_size: int,

@@ -268,6 +268,12 @@ def validation_scores(cfg: RunConfig, model, prepared, tokenizer, device, autoca
         more = eval_stage.named_validation_losses(model, sets, **kw)
         metrics["time/val_s"] += more.pop("time/val_s", 0.0)
         metrics.update(more)
+    if cfg.eval.test_loss:
+        test = data_stage.test_batches(cfg.data, prepared.test_rows, tokenizer, max_seq_len=cfg.train.max_seq_len,
+                                       batch_size=cfg.train.batch_size, seed=cfg.train.seed)
+        m = eval_stage.validation_loss(model, test, **kw)
+        metrics["time/val_s"] += m["time/val_s"]
+        metrics.update({"test/loss": m["val/loss"], "test/perplexity": m["val/perplexity"], "test/tokens": m["val/tokens"]})
     return metrics
 
 

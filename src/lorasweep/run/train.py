@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from ..config import OptimizerConfig, TrainConfig
 from .data import Batches
-from . import preempt
+from . import contention, preempt
 from .checkpoint import Checkpointer, Progress, set_rng_state
 from .loss import batch_loss_sum
 
@@ -56,17 +56,18 @@ def decay_groups(model: torch.nn.Module) -> tuple[list[tuple[str, torch.nn.Param
 def build_optimizer(groups: list[dict], oc: OptimizerConfig) -> torch.optim.Optimizer:
     """``groups``: torch param groups, each with its own ``weight_decay``. AdamW on CUDA is torch's
     fused kernel (one launch for all tensors instead of several per tensor); same update rule."""
+    lr = oc.lr * oc.lr_factor
     if oc.name == "adamw":
         on_cuda = all(p.is_cuda for g in groups for p in g["params"]) and any(g["params"] for g in groups)
-        return torch.optim.AdamW(groups, lr=oc.lr, betas=tuple(oc.betas), fused=True if on_cuda else None)
+        return torch.optim.AdamW(groups, lr=lr, betas=tuple(oc.betas), fused=True if on_cuda else None)
     if oc.name == "sgd":
-        return torch.optim.SGD(groups, lr=oc.lr, momentum=oc.momentum)
+        return torch.optim.SGD(groups, lr=lr, momentum=oc.momentum)
     import bitsandbytes as bnb
 
     if oc.name == "paged_adamw_8bit":
-        return bnb.optim.PagedAdamW8bit(groups, lr=oc.lr, betas=tuple(oc.betas))
+        return bnb.optim.PagedAdamW8bit(groups, lr=lr, betas=tuple(oc.betas))
     if oc.name == "adamw_8bit":
-        return bnb.optim.AdamW8bit(groups, lr=oc.lr, betas=tuple(oc.betas))
+        return bnb.optim.AdamW8bit(groups, lr=lr, betas=tuple(oc.betas))
     raise ValueError(f"optimizer.name={oc.name!r}: unknown")
 
 
@@ -83,8 +84,8 @@ def param_groups(model: torch.nn.Module, oc: OptimizerConfig) -> tuple[list[dict
         for params, wd in ((decay, oc.weight_decay), (no_decay, 0.0)):
             ps = [p for _, p in params if getattr(p, "lr_scale", None) == scale]
             if ps:
-                groups.append({"params": ps, "weight_decay": wd, "lr": oc.lr * scale})
-    info = {"optimizer/decay_tensors": len(decay), "optimizer/no_decay_tensors": len(no_decay),
+                groups.append({"params": ps, "weight_decay": wd, "lr": oc.lr * oc.lr_factor * scale})
+    info = {"optimizer/lr": oc.lr * oc.lr_factor, "optimizer/decay_tensors": len(decay), "optimizer/no_decay_tensors": len(no_decay),
             "optimizer/decay_params": sum(p.numel() for _, p in decay),
             "optimizer/no_decay_params": sum(p.numel() for _, p in no_decay)}
     if scales:
@@ -128,6 +129,7 @@ class TrainResult:
     earlier_mem: dict | None = None  # peak memory of the segments before a resume
     resumed_from_step: int | None = None
     hook_s: float = 0.0  # time in after_step (the validation curve): apart from train_s
+    contention: dict | None = None  # what other work took of the machine while this segment trained
 
     @property
     def tokens_per_s(self) -> float:
@@ -140,6 +142,7 @@ class TrainResult:
              "train/epochs": self.epochs_done, **(self.optimizer_info or {})}
         if self.hook_s:
             m["time/val_curve_s"] = self.hook_s
+        m.update(self.contention or {})
         if self.final_loss is not None:
             m["train/loss"] = self.final_loss
             m["train/first_loss"] = self.first_loss
@@ -213,6 +216,7 @@ def train(model: torch.nn.Module, train: Batches, oc: OptimizerConfig, tc: Train
                                               for l, n in prog.window]
     bar = tqdm(total=n_steps, initial=prog.step, desc="train", unit="step", disable=not show_progress,
                leave=False, dynamic_ncols=True)
+    watch = contention.Watch(device)
     t0 = time.perf_counter()
     t_log, tok_log = t0, prog.tokens
     # Time in after_step (periodic validation) is kept out of train_s and tokens/s, so both mean the
@@ -291,7 +295,8 @@ def train(model: torch.nn.Module, train: Batches, oc: OptimizerConfig, tc: Train
                     hook_s += time.perf_counter() - t_hook
                     train_s = prog.train_s + time.perf_counter() - t0 - hook_s
                     e.metrics.update({"time/train_s": train_s, "time/val_curve_s": prog.hook_s + hook_s,
-                                      "train/tokens": prog.tokens, "throughput/tokens_per_s": prog.tokens / max(train_s, 1e-9)})
+                                      "train/tokens": prog.tokens, "throughput/tokens_per_s": prog.tokens / max(train_s, 1e-9),
+                                      **watch.read()})
                     e.earlier_mem = prog.mem  # the peaks of the segments before a resume
                 raise
             spent = time.perf_counter() - t_hook
@@ -317,7 +322,7 @@ def train(model: torch.nn.Module, train: Batches, oc: OptimizerConfig, tc: Train
     return TrainResult(n_steps, prog.last_loss, prog.first_loss, train_s, prog.tokens, prog.loss_tokens,
                        epochs_done=prog.micro_batches / max(len(train), 1), optimizer_info=opt_info,
                        earlier_mem=prog.mem, resumed_from_step=resume[1]["progress"]["step"] if resume else None,
-                       hook_s=prog.hook_s + hook_s)
+                       hook_s=prog.hook_s + hook_s, contention=watch.read())
 
 
 def _window_to_save(window: list, shard) -> list[tuple[float, int]]:
