@@ -252,6 +252,7 @@ def test_study_claims_name_real_arms(study, tmp_path):
     claims = parse_claims(ref)
     assert claims and all(c.article for c in claims), f"{study}: claims, each with the article's figure"
     metrics = {("mem/peak_rss_gb" if c.metric == "memory" else c.metric) for c in claims}
+    metrics |= {ref["select"]["by"]} if ref.get("select") else set()  # what each arm's lr is picked on
     runs = []
     for i, combo in enumerate(grid(REPO / "sweeps" / f"{study}.yaml")):
         cfg = to_dict(compose(f"sweep={study}", *combo))

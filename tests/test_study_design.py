@@ -194,3 +194,22 @@ def test_a_test_loss_without_a_test_split_is_refused_before_loading(tiny):
         validate(tiny("eval.test_loss=true", "data.n_test=0"))
     with pytest.raises(ConfigError, match=r"optimizer\.lr_factor"):
         validate(tiny("optimizer.lr_factor=0"))
+
+
+def test_power_before_launch_from_the_pilot_and_from_finished_runs(tmp_path):
+    import json
+
+    from lorasweep.analysis.power import power_lines
+
+    ref = {"claims": [{"metric": "val/loss", "compare": "precision=nf4 ~ precision=fp32", "margin": "5%"},
+                      {"metric": "val/loss", "compare": "precision=nf4 ~ precision=fp32", "margin": "50%"}]}
+    pilot = tmp_path / "pilot.json"
+    pilot.write_text(json.dumps({"by_steps": [{"cell": "200 questions, step 32", "n_seeds": 4, "mean": 1.0, "sd": 0.1},
+                                              {"cell": "200 questions, step 128", "n_seeds": 4, "mean": 0.7, "sd": 0.01}]}))
+    lines = power_lines(tmp_path / "none", ref, 3, 40, pilot)
+    assert "sd over seeds 0.1000" in lines[1]  # the pilot's step nearest the design's 40 steps
+    assert "underpowered, needs ~" in lines[2] and lines[3].endswith("powered")
+    folder = write_study(tmp_path, [({"precision": {"name": p}, "seed": s}, {"val/loss": 1.0 + 0.2 * s + d})
+                                    for p, d in (("fp32", 0.0), ("nf4", 0.01)) for s in range(3)], ref, "fin")
+    lines = power_lines(folder, ref, 3, 40, pilot)
+    assert "from the finished runs" in lines[0] and all("mde " in l for l in lines[1:]), lines

@@ -13,6 +13,7 @@ import argparse
 import itertools
 import os
 import sys
+from pathlib import Path
 
 from .config import ConfigError, validate, world_size
 
@@ -53,6 +54,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="also search DIR for config groups (like lorasweep's --config-dir; "
                          "LORASWEEP_CONFIG_DIR works too)")
     ap.add_argument("--no-time", action="store_true", help="memory only: no time forecast (it reads the data)")
+    ap.add_argument("--pilot", default="results/reference/pilot/pilot.json",
+                    help="the pilot's seed spread (benchmarks/pilot.py) for each claim's power before any run "
+                         "(default: %(default)s)")
     ap.add_argument("overrides", nargs="*")
     a = ap.parse_args(argv)
     from .compose import USER_DIRS_ENV, check_user_config_dirs
@@ -72,10 +76,11 @@ def main(argv: list[str] | None = None) -> int:
     study = any(o.startswith("sweep=") for o in a.overrides)
     grids = sweep_jobs(a.overrides) if a.multirun or study else [a.overrides]
     status = 0
-    summary = []
+    summary, configs = [], []
     for ovr in grids:
         try:
             rc = compose_run_config(ovr)
+            configs.append(rc)
         except ConfigError as e:
             print(f"lorasweep-plan: invalid config ({' '.join(ovr)}): {'; '.join(e.problems)}", file=sys.stderr)
             status = 2
@@ -112,7 +117,22 @@ def main(argv: list[str] | None = None) -> int:
         summary.append((rid, p.peak_gb, fc, over, world_size(rc.train), None))
     if len(summary) > 1 or (summary and summary[0][2] is not None):
         _totals(summary, launcher_slurm=any(o.startswith("launcher=slurm") for o in a.overrides))
+    if study and configs:
+        _power(configs, Path(a.pilot) if a.pilot else None)
     return status
+
+
+def _power(configs: list, pilot: Path | None) -> None:
+    """Each claim's minimum detectable effect for this design (analysis/power.py)."""
+    from .analysis.power import power_lines
+
+    rc = configs[0]
+    seeds = len({c.seed for c in configs})
+    folder = Path(rc.results_dir) / (rc.study or "default")
+    lines = power_lines(folder, dict(rc.reference or {}), seeds, rc.train.max_steps, pilot)
+    if lines:
+        print()
+        print("\n".join(lines))
 
 
 def _time_forecast(rc, device: str):

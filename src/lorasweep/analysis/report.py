@@ -24,8 +24,8 @@ import sys
 from pathlib import Path
 
 # The public API stays importable from lorasweep.analysis.report (notebooks, tests, users' scripts).
-from .report_data import (HEADERS, ReportError, find_baseline, load_steps, load_study, memory_key,  # noqa: F401
-                          primary_score, score_keys)
+from .report_data import (HEADERS, ReportError, find_baseline, has_records, load_steps, load_study,  # noqa: F401
+                          load_summary_csv, memory_key, primary_score, score_keys)
 from .report_plots import (make_plots, plot_heatmap, plot_loss_curves, plot_mem_vs_time,  # noqa: F401
                            plot_score_by_run, plot_score_vs_param, plot_seed_spread)
 from .report_tables import diff_table, seed_table, summary_markdown, summary_table  # noqa: F401
@@ -35,7 +35,21 @@ from .report_stats import arm_stats, t_interval, welch_interval  # noqa: F401
 
 # ----------------------------------------------------------------------------- entry points
 
-def write_report(folder: str | Path, baseline: str | dict | None = None) -> dict[str, Path]:
+def study_reference(study: str, study_file: str | Path | None = None) -> dict:
+    """The reference block (question, claims) of a study file: the one given, else lorasweep's own
+    sweeps/<study>.yaml."""
+    import yaml
+
+    from ..compose import conf_dir
+
+    path = Path(study_file) if study_file else Path(conf_dir()) / "sweep" / f"{study}.yaml"
+    if not path.is_file():
+        raise ReportError(f"--study-file {str(path)!r}: no such study file to take the claims from")
+    return (yaml.safe_load(path.read_text()) or {}).get("reference") or {}
+
+
+def write_report(folder: str | Path, baseline: str | dict | None = None,
+                 study_file: str | Path | None = None) -> dict[str, Path]:
     """Write summary.csv, arms.csv (per arm and metric: n, mean, std, 95% t-interval, difference from
     the baseline arm with its Welch interval), summary.md (with the verdicts on the study's claims)
     and the plots into the study folder; return their paths.
@@ -44,15 +58,19 @@ def write_report(folder: str | Path, baseline: str | dict | None = None) -> dict
     {param: value} dict; default the study's reference.baseline, else the first completed run.
     """
     folder = Path(folder)
-    df = load_study(folder)
+    # A folder whose run records are gone (an archived reference) is judged again from its summary.csv,
+    # with the study file's current claims; its plots are the ones already there.
+    archived = not has_records(folder) and (folder / "summary.csv").is_file()
+    df = load_summary_csv(folder, study_reference(folder.name, study_file)) if archived else load_study(folder)
     if baseline is not None:
         find_baseline(df, baseline)  # a wrong --baseline fails before any file is written
     parse_claims(df.attrs.get("reference"))  # so does a malformed claim
     csv = folder / "summary.csv"
-    df.drop(columns=["run_dir"]).to_csv(csv, index=False)
+    if not archived:
+        df.drop(columns=["run_dir"]).to_csv(csv, index=False)
     arms_csv = folder / "arms.csv"
     arm_stats(df, baseline).to_csv(arms_csv, index=False)
-    plots = make_plots(df, folder)
+    plots = sorted(folder.glob("*.png")) if archived else make_plots(df, folder)
     md = folder / "summary.md"
     md.write_text(summary_markdown(df, baseline, [str(p) for p in plots]))
     return {"csv": csv, "arms": arms_csv, "md": md, **{p.stem: p for p in plots}}
@@ -62,11 +80,14 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="lorasweep-report",
                                  description="Turn a study folder (<results_dir>/<study>) into summary.csv, summary.md and plots.")
     ap.add_argument("folder", help="the study folder, e.g. results/rank_alpha")
+    ap.add_argument("--study-file", default=None,
+                    help="where the claims come from when the folder holds only an earlier summary.csv "
+                         "(default: lorasweep's sweeps/<study>.yaml)")
     ap.add_argument("--baseline", default=None,
                     help="row the ratio columns divide by, e.g. 'precision=fp32' or 'r=16, alpha=32' (default: the study's)")
     a = ap.parse_args(argv)
     try:
-        paths = write_report(a.folder, a.baseline)
+        paths = write_report(a.folder, a.baseline, a.study_file)
     except ReportError as e:
         print(f"lorasweep-report: {e}", file=sys.stderr)
         sys.exit(2)

@@ -304,6 +304,8 @@ def evaluate_claim(df: pd.DataFrame, claim: Claim) -> Verdict:
                 m = _abs_margin(claim.margin, e.mean)
                 nums = (f"{prefix}{arm}: std {_fmt(e.std)} [{_fmt(lo)}, {_fmt(hi)}] (chi-square 95%, n={e.n}) "
                         f"around {_fmt(e.mean)}, limit {_fmt(m)}")
+                if e.n >= 2 and e.std > 0:  # the spread n seeds can show under the limit: its upper bound must fit
+                    nums += f", mde {_fmt(m * e.std / hi)} (the largest sd {e.n} seeds can show under the limit)"
                 if e.n < 2:
                     results.append(("inconclusive", nums + " (one run: no spread)"))
                 else:
@@ -354,19 +356,33 @@ def select_per_arm(df: pd.DataFrame, sel: Selection) -> tuple[pd.DataFrame, list
     return out, notes
 
 
-def _best_lr(runs: pd.DataFrame, sel: Selection, metric: str, lower: bool) -> tuple[float | None, str]:
-    """The lr (optimizer/lr) whose mean ``metric`` over seeds is best, and whether it sits at the
-    grid's edge (then the true best may lie beyond it)."""
+def _best_lr(runs: pd.DataFrame, sel: Selection, metric: str, lower: bool) -> tuple[float | None, list[float], str]:
+    """The lr (optimizer/lr) whose mean ``metric`` over seeds is best; the lrs the design cannot tell
+    from it (the runner-up when their paired difference is under its mde); and the grid as text,
+    with the best-vs-runner-up difference and its mde, and whether the best sits at the grid's edge."""
     value = _column(runs, sel.param)
-    lr = pd.to_numeric(runs.get("optimizer/lr", value), errors="coerce")
+    lr = pd.to_numeric(runs["optimizer/lr"] if "optimizer/lr" in runs.columns else value, errors="coerce")
     score = pd.to_numeric(runs[metric], errors="coerce")
     means = score.groupby(lr).mean().dropna()
     if means.empty:
-        return None, ""
-    best = float(means.idxmin() if lower else means.idxmax())
+        return None, [], ""
+    order = means.sort_values(ascending=lower)
+    best = float(order.index[0])
     grid = ", ".join(f"{_fmt(float(k), 3)}: {_fmt(float(m))}" for k, m in means.items())
-    edge = len(means) > 2 and best in (float(means.index[0]), float(means.index[-1]))
-    return best, f"[{grid}]" + (" at the grid's edge" if edge else "")
+    text, ties = f"[{grid}]", [best]
+    if len(order) > 1:
+        second = float(order.index[1])
+        pair = paired_seeds(runs[lr == second], runs[lr == best], metric)
+        if pair is not None:
+            diffs = [x - y for x, y in zip(*pair)]
+            power = mde(t_interval(diffs).std, len(diffs), paired=True)
+            gap = abs(sum(diffs) / len(diffs))
+            text += f", best vs runner-up {_fmt(gap)}, mde {_fmt(power)} (paired t)"
+            if math.isnan(power) or gap < power:
+                ties.append(second)
+    if len(means) > 2 and best in (float(means.index[0]), float(means.index[-1])):
+        text += " at the grid's edge"
+    return best, ties, text
 
 
 def evaluate_best_lr(df: pd.DataFrame, claim: Claim, sel: Selection) -> Verdict:
@@ -387,8 +403,8 @@ def evaluate_best_lr(df: pd.DataFrame, claim: Claim, sel: Selection) -> Verdict:
         if wa or wb:
             results.append(("inconclusive", f"{gname}: {wa or wb}" if gname else (wa or wb)))
             continue
-        la, ta = _best_lr(a, sel, claim.metric, lower)
-        lb, tb = _best_lr(b, sel, claim.metric, lower)
+        la, ties_a, ta = _best_lr(a, sel, claim.metric, lower)
+        lb, ties_b, tb = _best_lr(b, sel, claim.metric, lower)
         if la is None or lb is None:
             results.append(("inconclusive", "an arm has no scored run"))
             continue
@@ -397,10 +413,13 @@ def evaluate_best_lr(df: pd.DataFrame, claim: Claim, sel: Selection) -> Verdict:
         nums = (f"{_sel_text(claim.a)} best lr {_fmt(la, 3)} {ta} vs {_sel_text(claim.b)} best lr {_fmt(lb, 3)} {tb}: "
                 f"ratio {_fmt(r, 3)} (expected {_fmt(claim.ratio, 3)}, [{_fmt(lo, 3)}, {_fmt(hi, 3)}]; on {claim.metric}, "
                 f"means over seeds)")
+        inside = {lo <= x / y <= hi for x in ties_a for y in ties_b}  # the ratio with every pick the design allows
         if "edge" in ta + tb:
             v = "inconclusive"
+        elif len(inside) > 1:
+            v = "underpowered"  # a runner-up the seeds cannot tell from the best would change the verdict
         else:
-            v = "reproduced" if lo <= r <= hi else "not reproduced"
+            v = "reproduced" if inside == {True} else "not reproduced"
         results.append((v, (f"{gname}: " if gname else "") + nums))
     if not results:
         return Verdict(claim, "inconclusive", "no comparison could be made")

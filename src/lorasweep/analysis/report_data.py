@@ -137,9 +137,15 @@ def load_study(folder: str | Path) -> pd.DataFrame:
                **_group_labels(cfg), **(rec.get("metrics") or {}),
                "error": rec.get("error"), "run_dir": str(d)}
         rows.append(row)
-    cfg_df = pd.DataFrame(flat_cfgs)
+    metric_cols = sorted({k for _, rec in recs for k in (rec.get("metrics") or {})})
+    return _frame(pd.DataFrame(rows), pd.DataFrame(flat_cfgs), metric_cols,
+                  study=recs[0][1].get("study") or folder.name, reference=reference or {}, folder=folder)
+
+
+def _frame(df: pd.DataFrame, cfg_df: pd.DataFrame, metric_cols: list[str], *, study: str, reference: dict,
+           folder: Path) -> pd.DataFrame:
+    """The report's frame from one row per run (group labels, metrics, status) and its flat config."""
     varying = [c for c in cfg_df.columns if cfg_df[c].astype(str).nunique() > 1]
-    df = pd.DataFrame(rows)
     for c in varying:
         df[c] = cfg_df[c].values
 
@@ -160,7 +166,7 @@ def load_study(folder: str | Path) -> pd.DataFrame:
                 df[name] = df[src]
             swept.append(name)
     for g in GROUP_LABELS:  # labels of groups that did not vary are noise in the table
-        if g not in swept and g not in varying:
+        if g not in swept and g not in varying and g in df.columns:
             df = df.drop(columns=g)
     df["label"] = [", ".join(f"{c}={num(row[c])}" for c in swept) or row["run_id"] for _, row in df.iterrows()]
 
@@ -177,13 +183,38 @@ def load_study(folder: str | Path) -> pd.DataFrame:
         order = pd.DataFrame({i: k for i, k in enumerate(keys)}).sort_values(list(range(len(keys))), kind="stable").index
         df = df.loc[order].reset_index(drop=True)
 
-    metric_cols = sorted({k for _, rec in recs for k in (rec.get("metrics") or {})})
     lead = list(BASE_COLUMNS) + swept + [c for c in varying if c not in swept]
-    df = df[lead + [c for c in metric_cols if c not in lead] + ["error", "run_dir"]]
-    constant = {k: v for k, v in (flat_cfgs[0] if flat_cfgs else {}).items() if k not in varying}
-    df.attrs.update(study=recs[0][1].get("study") or folder.name, swept=swept, varying=varying,
-                    reference=reference or {}, folder=str(folder), constant=constant)
+    if "run_dir" not in df.columns:
+        df["run_dir"] = None
+    df = df[lead + [c for c in metric_cols if c not in lead and c in df.columns] + ["error", "run_dir"]]
+    constant = {k: v for k, v in (cfg_df.iloc[0].to_dict() if len(cfg_df) else {}).items() if k not in varying}
+    df.attrs.update(study=study, swept=swept, varying=varying, reference=reference, folder=str(folder),
+                    constant=constant)
     return df
+
+
+def load_summary_csv(folder: str | Path, reference: dict) -> pd.DataFrame:
+    """A study re-read from the summary.csv an earlier report wrote, when its run folders are gone
+    (an archived reference): the same frame load_study gives, with the study file's current claims
+    (``reference``), so the runs can be judged again with newer statistics. The csv holds the config
+    keys that varied between the runs (dotted), the group labels and every metric."""
+    folder = Path(folder)
+    csv = folder / "summary.csv"
+    if not csv.is_file():
+        raise ReportError(f"study folder {str(folder)!r}: no run records and no summary.csv to re-read")
+    raw = pd.read_csv(csv)
+    cfg_cols = [c for c in raw.columns if ("." in c and "/" not in c) or c == "seed"]
+    rows = raw.drop(columns=[c for c in cfg_cols + ["label"] if c in raw.columns])
+    rows = rows.astype(object).where(rows.notna(), None)
+    metric_cols = [c for c in raw.columns if "/" in c]
+    df = _frame(rows, raw[cfg_cols].copy(), metric_cols, study=folder.name, reference=reference, folder=folder)
+    df.attrs["archived"] = True
+    return df
+
+
+def has_records(folder: str | Path) -> bool:
+    folder = Path(folder)
+    return folder.is_dir() and bool(_run_folders(folder))
 
 
 def load_steps(run_dir: str | Path) -> pd.DataFrame:

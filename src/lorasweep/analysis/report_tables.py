@@ -210,6 +210,9 @@ def summary_markdown(df: pd.DataFrame, baseline: str | dict | None = None, plots
         src = f" ({ref['source']})" if ref.get("source") else ""
         lines += [f"**The article's finding{src}:** {ref['finding']}", ""]
     lines += [f"{len(df)} runs: " + ", ".join(f"{v} {k}" for k, v in sorted(n.items())) + ".", ""]
+    if df.attrs.get("archived"):
+        lines += ["_Judged again from this folder's summary.csv (the run folders were not kept), with the study "
+                  "file's current claims and statistics; the runs and their design are the earlier ones._", ""]
     verdicts = evaluate_claims(df)
     if verdicts:
         lines += ["## Verdicts", ""] + selection_lines(df) + [verdicts_markdown(verdicts), ""]
