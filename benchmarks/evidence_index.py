@@ -18,28 +18,68 @@ Welch intervals against the baseline arm, every run), `summary.csv`, `arms.csv`,
 `how.md` (the exact command, wall time, machine, git commit, package versions). Made with
 `benchmarks/run_evidence.sh <study> ...`; this page with `python benchmarks/evidence_index.py`.
 
-Scores are what these studies measure; times were taken with two runs sharing the two cores (and
-development work beside them) unless `how.md` says otherwise, so read time ratios as indicative.
-A verdict is judged on the interval, so **inconclusive** means the seeds' spread is wider than the
-effect at this scale, not that the article is wrong.
+Scores are what these studies measure. Every verdict line states its design's minimum detectable
+effect (`mde`, 95% confidence, 80% power): **underpowered** means the design could not have detected
+the effect the claim needs (the line says how many seeds would), **inconclusive** that it could and
+the interval still spans the margin. Time claims are judged only on runs that trained alone (their
+record's `contention/others_share` under 10%), else **shared cores**; the older studies' records
+predate that figure, and their runs shared the two cores. Claims that hold by construction are
+marked so and are not findings. The older folders were judged again from their `summary.csv`
+(see each `how.md`); the pilot (`pilot/`) measured how the seed spread falls with validation size
+and steps.
 """
 
 
-def verdicts(md: str) -> list[str]:
-    out = []
+VERDICT = re.compile(r"- \*\*(reproduced|not reproduced|opposite|underpowered|inconclusive|shared cores)\*\* (.*)")
+QUALITY = ("val/", "test/", "eval/", "eval_delta/")
+
+
+def parsed(md: str) -> list[dict]:
+    """Each verdict line of a summary.md: verdict, metric, text, numbers, by construction or not."""
+    out, built = [], False
     for line in md.splitlines():
-        m = re.match(r"- \*\*(reproduced|not reproduced|opposite|inconclusive)\*\* (.*)", line)
+        if line.startswith("_Hold by construction"):
+            built = True
+        elif line.startswith("## ") and "Verdicts" not in line:
+            built = False
+        m = VERDICT.match(line)
         if m:
             claim = m.group(2).split(" -- ")[0]
             nums = m.group(2).split(" -- ", 1)[1] if " -- " in m.group(2) else ""
-            nums = nums.split(". Article:")[0]
-            out.append(f"- **{m.group(1)}** {claim}: {nums}")
+            metric = re.match(r"`([^`]+)`", claim)
+            out.append({"verdict": m.group(1), "claim": claim, "nums": nums.split(". Article:")[0],
+                        "metric": metric.group(1) if metric else "", "by_construction": built})
     return out
+
+
+def verdicts(md: str) -> list[str]:
+    return [f"- **{v['verdict']}**{' (by construction)' if v['by_construction'] else ''} {v['claim']}: {v['nums']}"
+            for v in parsed(md)]
+
+
+def quality_tally(mds: list[str]) -> str:
+    """The quality verdicts (scores and losses, not by construction): how many state their mde and how
+    many the design could answer (any verdict but underpowered)."""
+    q = [v for md in mds for v in parsed(md) if v["metric"].startswith(QUALITY) and not v["by_construction"]]
+    with_mde = [v for v in q if "mde " in v["nums"] or "mde " in v["claim"]]
+    powered = [v for v in with_mde if v["verdict"] != "underpowered"]
+    if not q:
+        return ""
+    return (f"**Quality verdicts** (val/, test/, eval/ metrics; by-construction claims excluded): {len(q)} lines, "
+            f"{len(with_mde)} state their mde, {len(powered)} were powered ({100 * len(powered) / len(q):.0f}%: "
+            f"every verdict but underpowered); by verdict: "
+            + ", ".join(f"{sum(v['verdict'] == k for v in q)} {k}" for k in
+                        ("reproduced", "not reproduced", "opposite", "inconclusive", "underpowered")
+                        if any(v["verdict"] == k for v in q)) + ".\n")
 
 
 def main() -> None:
     parts = [HEAD]
-    for d in sorted(p for p in ROOT.iterdir() if p.is_dir()):
+    dirs = sorted(p for p in ROOT.iterdir() if p.is_dir())
+    tally = quality_tally([(d / "summary.md").read_text() for d in dirs if (d / "summary.md").exists()])
+    if tally:
+        parts.append(tally)
+    for d in dirs:
         md = (d / "summary.md").read_text() if (d / "summary.md").exists() else ""
         how = (d / "how.md").read_text() if (d / "how.md").exists() else ""
         wall = re.search(r"wall time (\d+ min(?: \d+ s)?)", how)

@@ -30,6 +30,7 @@ inconclusive otherwise.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -315,7 +316,11 @@ def evaluate_claim(df: pd.DataFrame, claim: Claim) -> Verdict:
     if len(results) == 1:
         return Verdict(claim, verdict, results[0][1] + metric_note)
     counts = ", ".join(f"{sum(v == s for v, _ in results)} {s}" for s in VERDICTS if any(v == s for v, _ in results))
-    return Verdict(claim, verdict, f"{len(results)} comparisons: {counts}{metric_note}",
+    mdes = [float(x) for _, nums in results for x in re.findall(r"mde (-?[\d.]+(?:e-?\d+)?)", nums.replace(",", ""))]
+    span = ""
+    if mdes:  # the comparisons' detectable effects, on the claim's own line
+        span = f", mde {_fmt(min(mdes))}" + (f"..{_fmt(max(mdes))}" if max(mdes) != min(mdes) else "")
+    return Verdict(claim, verdict, f"{len(results)} comparisons: {counts}{span}{metric_note}",
                    [f"{v}: {nums}" for v, nums in results])
 
 
