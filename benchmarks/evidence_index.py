@@ -85,6 +85,12 @@ def main() -> None:
         wall = re.search(r"wall time (\d+ min(?: \d+ s)?)", how)
         runs = re.search(r"^(\d+ runs?: [^\n]+)", md, re.M)
         parts.append(f"## [{d.name}]({d.name}/summary.md)\n")
+        pilot = re.search(r"^## What it decides\n\n(.+)$", md, re.M)
+        if pilot:  # the pilot has no claims: its decision is the line to read
+            parts.append(f"{len([p for p in d.iterdir() if (p / 'record.json').is_file()])} runs"
+                         + (f"; wall time {wall.group(1)}" if wall else "") + ".\n")
+            parts.append(pilot.group(1).split(". So ")[0] + ".\n")
+            continue
         parts.append(f"{runs.group(1).rstrip('.') if runs else 'no summary'}"
                      + (f"; wall time {wall.group(1)}" if wall else "") + ".\n")
         parts.extend(verdicts(md) or ["- (no claims judged)"])

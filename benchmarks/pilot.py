@@ -84,6 +84,28 @@ def table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def decision(res: dict) -> str:
+    """The design the measurements point to, in words computed from them."""
+    size, steps = res["by_size"], res["by_steps"]
+    small, big = size[0], size[-1]
+    first, last = steps[0], steps[-1]
+    falls_size = big["sd"] < 0.7 * small["sd"]
+    falls_steps = last["cv"] < 0.7 * first["cv"]
+    best = min(size + steps, key=lambda r: r["seeds_5pct"])
+    return (f"The seed spread {'falls' if falls_size else 'does not fall'} with the validation size "
+            f"(sd {small['sd']:.3f} on {small['cell'].split(',')[0]}, {big['sd']:.3f} on {big['cell'].split(',')[0]}) "
+            f"and {'falls' if falls_steps else 'does not fall'} with the steps (sd/mean {100 * first['cv']:.1f}% at "
+            f"{first['cell'].split(', ')[1]}, {100 * last['cv']:.1f}% at {last['cell'].split(', ')[1]}): "
+            + ("the seed itself (data order, initialisation), not the validation set, sets the noise. "
+               if not falls_size else "a larger validation set pays. ")
+            + f"The cheapest cell here still needs {best['seeds_5pct']} seeds per arm for a 5% difference "
+            f"({best['cell']}), unpaired. So at this scale no affordable design powers a claim of a few percent: "
+            "the studies keep 3 seeds and pair their arms by seed (same data order and initialisation, the one "
+            "lever left), use 100-200 validation questions (cheap, and clear of the 0-or-1 floors of 16-32), "
+            "give each arm its own lr where the lr is a confound, and report every claim's mde with the seeds it "
+            "would need; only claims of large effects (memory, parameters, tens of percent in loss) can be powered.")
+
+
 def markdown(res: dict, runs: list[dict], source: str) -> str:
     times = [r["metrics"].get("time/train_s", 0) for r in runs]
     shares = [r["metrics"].get("contention/others_share") for r in runs]
@@ -101,6 +123,7 @@ def markdown(res: dict, runs: list[dict], source: str) -> str:
              f"{len(runs)} seeds, so it is itself known only to about ±{100 / math.sqrt(2 * (len(runs) - 1)):.0f}%; "
              "pairing the arms by seed (same data order and initialisation) can only lower the spread of a "
              "difference, so these are the unpaired bound.", "",
+             "## What it decides", "", decision(res), "",
              f"Machine: {env.get('cpu', '?')}, torch {env.get('torch', '?')}; train time per run "
              f"{min(times):.0f}-{max(times):.0f} s, two runs at a time on one thread each "
              + (f"(others' CPU share {min(s for s in shares if s is not None):.2f}-"
