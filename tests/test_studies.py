@@ -19,7 +19,7 @@ from conftest import REPO, compose
 from tiny_encoder import tiny_bert_dir, write_glue_folder
 
 STUDIES = ["rank_alpha", "qlora_vs_lora", "optimizers", "epochs", "targets", "alpha_scan",
-           "finetune_methods", "seeds", "sst2_classification", "data_quality", "forgetting"]
+           "finetune_methods", "seeds", "sst2_classification", "data_quality", "forgetting", "lr_rank"]
 SMOKE = ["train.max_steps=2", "eval=none", "logger=none", "train.batch_size=2", "train.max_seq_len=80",
          "data.n_train=32", "data.n_val=8", "data.n_test=8"]
 
@@ -138,3 +138,81 @@ def test_study_smoke_run_completes(name, request, tmp_path):
     paths = write_report(out / name)
     md = paths["md"].read_text()
     assert md.startswith(f"# Study: {name}") and "## Verdicts" in md  # every study's claims are judged
+
+
+def gpu_commands(path: Path) -> list[list[str]]:
+    """The `lorasweep ...` commands of a study header's GPU-scale section, as override lists."""
+    import re
+    import shlex
+
+    lines, out, on = path.read_text().splitlines(), [], False
+    cmd = ""
+    for line in lines:
+        if not line.startswith("#"):
+            break
+        if line.startswith("# GPU scale"):
+            on = True
+            continue
+        if on and not line.startswith("#   "):
+            on = False
+        if on:
+            body = line[1:].strip()
+            if body.startswith("lorasweep ") or cmd:
+                cmd += " " + body.rstrip("\\").strip()
+                if not body.endswith("\\"):
+                    out.append(shlex.split(re.sub(r"<([^>]+)>", lambda m: "<" + m.group(1).replace(" ", "_") + ">", cmd))[1:])
+                    cmd = ""
+    return out
+
+
+@pytest.mark.parametrize("path", [p for p in study_files()
+                                  if p.stem not in ("smoke", "quickstart", "pilot") and not p.stem.startswith("search_")],
+                         ids=lambda p: p.stem)
+def test_every_gpu_command_in_a_study_header_composes_its_arms(path, tmp_path):
+    """Copy-paste complete: each header's GPU command, with its own value lists, composes and
+    validates at every grid point (placeholders <...> stand for a real file), and keeps the study's
+    arms (a single value on the command line replaces a swept axis: then the header must say so)."""
+    from lorasweep.config import validate
+    from lorasweep.study.sweep import sweep_jobs
+
+    cmds = gpu_commands(path)
+    assert cmds, f"{path.name}: no 'lorasweep ...' command under '# GPU scale'"
+    stand_in = tmp_path / "data.json"
+    stand_in.write_text('[{"instruction": "a", "input": "", "output": "b"}, {"instruction": "c", "input": "", "output": "d"}]')
+    folder = tmp_path / "glue"
+    write_glue_folder(folder, n_train=8, n_dev=4, n_test=4)
+    for cmd in cmds:
+        cmd = [o.split("=", 1)[0] + "=" + (str(folder) if "GLUE" in o or "SST" in o else str(stand_in))
+               if "=<" in o else o for o in cmd]
+        jobs = sweep_jobs(cmd)
+        assert len(jobs) > 1, f"{path.name}: {' '.join(cmd)} runs a single job"
+        for job in jobs:
+            validate(compose(*job, f"results_dir={tmp_path}"))
+
+
+def test_every_gpu_command_in_the_readme_composes_its_arms(tmp_path):
+    """The README's findings table: each GPU command (4th column) composes and validates at every
+    grid point and runs more than one job."""
+    import re
+    import shlex
+
+    from lorasweep.config import validate
+    from lorasweep.study.sweep import sweep_jobs
+
+    stand_in = tmp_path / "data.json"
+    stand_in.write_text('[{"instruction": "a", "input": "", "output": "b"}, {"instruction": "c", "input": "", "output": "d"}]')
+    folder = tmp_path / "glue"
+    write_glue_folder(folder, n_train=8, n_dev=4, n_test=4)
+    rows = [l for l in (REPO / "README.md").read_text().splitlines() if l.startswith("| ") and "sweeps/" in l]
+    assert len(rows) >= 12
+    for row in rows:
+        cell = row.split(" | ")[3]
+        m = re.search(r"`lorasweep ([^`]+)`", cell)
+        assert m, row
+        text = re.sub(r"<([^>]+)>", lambda g: "<" + g.group(1).replace(" ", "_") + ">", m.group(1))
+        cmd = [o.split("=", 1)[0] + "=" + (str(folder) if "GLUE" in o or "SST" in o else str(stand_in))
+               if "=<" in o else o for o in shlex.split(text)]
+        jobs = sweep_jobs(cmd)
+        assert len(jobs) > 1 or "search" in cmd[0], f"README: {' '.join(cmd)} runs a single job"
+        for job in jobs[:60]:
+            validate(compose(*job, f"results_dir={tmp_path}"))
