@@ -213,3 +213,11 @@ def test_power_before_launch_from_the_pilot_and_from_finished_runs(tmp_path):
                                     for p, d in (("fp32", 0.0), ("nf4", 0.01)) for s in range(3)], ref, "fin")
     lines = power_lines(folder, ref, 3, 40, pilot)
     assert "from the finished runs" in lines[0] and all("mde " in l for l in lines[1:]), lines
+
+
+def test_an_arm_at_a_floor_of_zero_is_named_on_its_comparison(tmp_path):
+    runs = [({"optimizer": {"name": o}, "seed": s}, {"eval/x/acc": 0.0 if o == "sgd" else 0.2 + 0.01 * s})
+            for o in ("adamw", "sgd") for s in range(3)]
+    ref = {"claims": [{"metric": "eval/x/acc", "compare": "optimizer=adamw > optimizer=sgd", "article": "a"}]}
+    (v,) = _judge(write_study(tmp_path, runs, ref, "floor0"))
+    assert "floor: optimizer=sgd score 0 in every run" in v.summary, v.summary

@@ -235,6 +235,11 @@ def _compare(a: pd.DataFrame, b: pd.DataFrame | float, metric: str, claim: Claim
     if m:
         nums += f", margin {_fmt(m)}"
     nums += f", mde {_fmt(power)} ({test})"
+    floors = [lab for lab, x in ((label_a, a[metric]), (label_b, None if constant else b[metric]))
+              if x is not None and len(x) > 1 and pd.to_numeric(x, errors="coerce").eq(0).all()
+              and not metric.startswith(("params/", "plan/"))]
+    if floors:  # an arm stuck at 0 in every run: the comparison is decided by the floor, not the method
+        nums += f" (floor: {' and '.join(floors)} score 0 in every run)"
     if not d.known:
         return "inconclusive", nums + " (an arm has one run: no interval; run more seeds)"
     v = _equivalent(d.low, d.high, m) if op == "~" else _directional(d.low, d.high, op == "<", m)
