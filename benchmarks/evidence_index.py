@@ -73,7 +73,32 @@ def quality_tally(mds: list[str]) -> str:
                         if any(v["verdict"] == k for v in q)) + ".\n")
 
 
+def cell(md: str) -> str:
+    """A study's verdicts as one README table cell: each claim, its verdict, its diff and mde."""
+    out = []
+    for v in parsed(md):
+        claim = re.sub(r"^`([^`]+)`: ", r"\1: ", v["claim"])
+        mde = re.findall(r"mde ([-\d.,e]+(?:\.\.[-\d.,e]+)?)", v["nums"])
+        diff = re.search(r"diff (-?[\d.,e]+) ", v["nums"])
+        extra = []
+        if diff and "comparisons" not in v["nums"]:
+            extra.append(f"diff {diff.group(1)}")
+        if mde:
+            extra.append(f"mde {mde[0]}")
+        if v["verdict"] == "shared cores":
+            extra.append("runs shared the cores")
+        tag = " (by construction)" if v["by_construction"] else ""
+        out.append(f"{claim}{tag}: **{v['verdict']}**" + (f" ({', '.join(extra)})" if extra else ""))
+    return "; ".join(out)
+
+
 def main() -> None:
+    import sys
+
+    if sys.argv[1:] == ["--cells"]:  # the README findings table's verdict cells
+        for d in sorted(p for p in ROOT.iterdir() if p.is_dir() and (p / "summary.md").exists()):
+            print(f"{d.name}\t{cell((d / 'summary.md').read_text())}")
+        return
     parts = [HEAD]
     dirs = sorted(p for p in ROOT.iterdir() if p.is_dir())
     tally = quality_tally([(d / "summary.md").read_text() for d in dirs if (d / "summary.md").exists()])

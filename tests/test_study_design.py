@@ -221,3 +221,15 @@ def test_an_arm_at_a_floor_of_zero_is_named_on_its_comparison(tmp_path):
     ref = {"claims": [{"metric": "eval/x/acc", "compare": "optimizer=adamw > optimizer=sgd", "article": "a"}]}
     (v,) = _judge(write_study(tmp_path, runs, ref, "floor0"))
     assert "floor: optimizer=sgd score 0 in every run" in v.summary, v.summary
+
+
+def test_a_file_test_split_is_disjoint_and_leaves_val_as_it_was():
+    from lorasweep.run.data import split_train_val
+
+    rows = [{"instruction": str(i), "input": "", "output": "x"} for i in range(100)]
+    plain = split_train_val(rows, 0.1, seed=3)
+    held = split_train_val(rows, 0.1, seed=3, test_frac=0.2)
+    assert plain["test"] == [] and held["val"] == plain["val"]  # the validation rows do not move
+    ids = [{r["instruction"] for r in held[k]} for k in ("train", "val", "test")]
+    assert len(held["test"]) == 20 and not (ids[0] & ids[2]) and not (ids[1] & ids[2])
+    assert len(held["train"]) == 70
