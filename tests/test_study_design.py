@@ -233,3 +233,17 @@ def test_a_file_test_split_is_disjoint_and_leaves_val_as_it_was():
     ids = [{r["instruction"] for r in held[k]} for k in ("train", "val", "test")]
     assert len(held["test"]) == 20 and not (ids[0] & ids[2]) and not (ids[1] & ids[2])
     assert len(held["train"]) == 70
+
+
+def test_lorasweep_plan_ends_with_each_claims_power(tmp_path, capsys):
+    import json
+
+    from lorasweep import plan_cli
+
+    pilot = tmp_path / "pilot.json"
+    pilot.write_text(json.dumps({"by_steps": [{"cell": "200 questions, step 16", "n_seeds": 4, "mean": 1.0, "sd": 0.1}]}))
+    plan_cli.main(["--no-time", "--pilot", str(pilot), "sweep=qlora_vs_lora", "model=tiny_llama",
+                   f"results_dir={tmp_path}"])
+    out = capsys.readouterr().out
+    tail = out.split("power of the claims, before any run of this study:")[1]
+    assert "val/loss: precision=nf4 ~ precision=fp32|bf16_true: mde " in tail and "needs ~" in tail
